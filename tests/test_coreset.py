@@ -1,0 +1,98 @@
+"""Greedy k-center coreset: hand-made picks, the official reference loop, determinism."""
+
+import pytest
+import torch
+
+from patchcore.coreset import coreset_size, coverage_radius, greedy_coreset, project, random_projection
+from patchcore.errors import ConfigError
+
+
+def _reference_loop(x: torch.Tensor, size: int, init: torch.Tensor) -> list[int]:
+    """The official loop, literally: cdist to the new pick, min with the running distances."""
+    d = init.clone()
+    picks = []
+    for _ in range(size):
+        i = int(torch.argmax(d))
+        picks.append(i)
+        d = torch.minimum(d, torch.cdist(x, x[i : i + 1]).squeeze(1))
+    return picks
+
+
+def test_exact_greedy_picks_true_farthest_points_on_hand_made_set():
+    # a tight cluster at the origin and three far outliers at known distances
+    pts = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [10.0, 0.0], [0.0, 6.0], [-3.0, 0.0]])
+    picks = greedy_coreset(pts, 4, method="exact", projection_dim=None).tolist()
+    # first pick: largest distance-matrix row norm -> (10, 0); then the farthest from it:
+    # (-3, 0) at 13 beats (0, 6) at sqrt(136) = 11.7; then (0, 6), whose distance to the picks is
+    # min(11.7, sqrt(45) = 6.7) against the origin cluster's 3; then a point of the origin cluster
+    assert picks[:3] == [3, 5, 4]
+    assert picks[3] in (0, 1, 2)
+
+
+def test_exact_mode_identical_to_reference_loop_with_row_norm_start():
+    torch.manual_seed(3)
+    x = torch.randn(400, 16, dtype=torch.float64).float()
+    full = torch.cdist(x.double(), x.double())
+    init = full.norm(dim=1).float()
+    ours = greedy_coreset(x, 40, method="exact", projection_dim=None).tolist()
+    assert ours == _reference_loop(x, 40, init)
+
+
+def test_approximate_mode_identical_to_reference_loop_with_mean_start():
+    torch.manual_seed(4)
+    x = torch.randn(500, 300)
+    seed = 7
+    xp = x @ random_projection(300, 128, seed).T  # the projection the sampler uses
+    gen = torch.Generator().manual_seed(seed + 1)
+    starts = torch.randperm(500, generator=gen)[:10]
+    init = torch.cdist(xp, xp[starts]).mean(dim=1)
+    ours = greedy_coreset(x, 50, method="approximate", seed=seed).tolist()
+    assert ours == _reference_loop(xp, 50, init)
+
+
+def test_projection_is_linear_init_distribution_and_seeded():
+    w = random_projection(1024, 128, seed=1)
+    assert w.shape == (128, 1024) and w.abs().max() <= 1 / 32
+    assert torch.equal(w, random_projection(1024, 128, seed=1))
+    assert not torch.equal(w, random_projection(1024, 128, seed=2))
+    assert project(torch.ones(3, 64), 128, 0).shape == (3, 64)  # never projects upward
+
+
+def test_seeded_determinism_and_unique_picks():
+    x = torch.randn(2000, 64)
+    a = greedy_coreset(x, 200, seed=0)
+    assert torch.equal(a, greedy_coreset(x, 200, seed=0))
+    assert len(set(a.tolist())) == 200
+    assert not torch.equal(a, greedy_coreset(x, 200, seed=1))
+
+
+def test_greedy_covers_better_than_random():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(1500, 8), torch.randn(20, 8) + 12])  # a rare far cluster
+    greedy = x[greedy_coreset(x, 60, projection_dim=None)]
+    rand = x[torch.randperm(len(x))[:60]]
+    assert coverage_radius(greedy, x) < coverage_radius(rand, x)
+
+
+def test_coverage_radius_hand_computed():
+    bank = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    feats = torch.tensor([[1.0, 0.0], [7.0, 0.0], [0.0, 3.0]])
+    assert coverage_radius(bank, feats) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, "x"])
+def test_ratio_outside_unit_interval_is_config_error(ratio):
+    with pytest.raises(ConfigError, match="ratio"):
+        coreset_size(100, ratio)
+
+
+def test_coreset_size_rounds_down_like_upstream_but_keeps_one():
+    assert coreset_size(1000, 0.1) == 100
+    assert coreset_size(1005, 0.1) == 100
+    assert coreset_size(5, 0.1) == 1
+    assert coreset_size(10, 1.0) == 10
+
+
+def test_unknown_method_is_config_error():
+    with pytest.raises(ConfigError, match="unknown coreset method"):
+        greedy_coreset(torch.randn(10, 2), 3, method="fast")
