@@ -1,0 +1,86 @@
+"""Memory bank: chunked NN equals brute force; safe file format refuses pickles and tampering."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from patchcore.distances import nearest_neighbours
+from patchcore.errors import BankFormatError
+from patchcore.memory_bank import MemoryBank, bank_paths
+
+
+def test_chunked_nn_equals_brute_force():
+    torch.manual_seed(0)
+    bank, queries = torch.randn(300, 32), torch.randn(257, 32)
+    brute = torch.cdist(queries.double(), bank.double())
+    ref_d, ref_i = brute.topk(3, dim=1, largest=False)
+    d, i = nearest_neighbours(queries, bank, k=3, max_elements=1000)  # forces many small chunks
+    assert torch.equal(i, ref_i)
+    assert torch.allclose(d.double(), ref_d, atol=1e-4)
+    d2, _ = nearest_neighbours(queries, bank, k=1, squared=True)
+    assert torch.allclose(d2.double().squeeze(1), ref_d[:, 0] ** 2, rtol=1e-4)
+
+
+def test_bank_nearest_returns_squared_distances_hand_computed():
+    bank = MemoryBank(torch.tensor([[0.0, 0.0], [3.0, 4.0]]))
+    d, i = bank.nearest(torch.tensor([[3.0, 0.0], [3.0, 5.0]]))
+    assert i.squeeze(1).tolist() == [0, 1]
+    assert d.squeeze(1).tolist() == pytest.approx([9.0, 1.0])
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    bank = MemoryBank(torch.randn(50, 16), {"category": "tire", "seed": 3})
+    st, js = bank.save(tmp_path / "banks" / "tire")
+    assert st.suffix == ".safetensors" and js.suffix == ".json"
+    meta = json.loads(js.read_text())
+    assert meta["format_version"] == 1 and len(meta["sha256"]) == 64 and meta["shape"] == [50, 16]
+    loaded = MemoryBank.load(tmp_path / "banks" / "tire.safetensors")
+    assert torch.equal(loaded.features, bank.features) and loaded.metadata["category"] == "tire"
+
+
+def test_pickle_file_is_refused(tmp_path):
+    MemoryBank(torch.randn(5, 4)).save(tmp_path / "b")
+    st, _ = bank_paths(tmp_path / "b")
+    st.write_bytes(pickle.dumps({"bank": [1, 2, 3]}))
+    with pytest.raises(BankFormatError, match="pickle"):
+        MemoryBank.load(st)
+    torch.save({"bank": torch.zeros(2)}, st)  # torch.save zip format
+    with pytest.raises(BankFormatError, match="pickle"):
+        MemoryBank.load(st)
+
+
+def test_tampered_and_truncated_files_fail_checksum(tmp_path):
+    MemoryBank(torch.randn(20, 4)).save(tmp_path / "b")
+    st, js = bank_paths(tmp_path / "b")
+    data = bytearray(st.read_bytes())
+    data[-3] ^= 0xFF
+    st.write_bytes(bytes(data))
+    with pytest.raises(BankFormatError, match="sha256"):
+        MemoryBank.load(st)
+    st.write_bytes(bytes(data[:40]))
+    with pytest.raises(BankFormatError, match="sha256"):
+        MemoryBank.load(st)
+
+
+def test_missing_files_and_wrong_version(tmp_path):
+    with pytest.raises(BankFormatError, match="not found"):
+        MemoryBank.load(tmp_path / "nothing")
+    MemoryBank(torch.randn(3, 4)).save(tmp_path / "b")
+    _, js = bank_paths(tmp_path / "b")
+    meta = json.loads(js.read_text())
+    meta["format_version"] = 99
+    js.write_text(json.dumps(meta))
+    with pytest.raises(BankFormatError, match="version 99"):
+        MemoryBank.load(tmp_path / "b")
+    js.write_text("{not json")
+    with pytest.raises(BankFormatError, match="not valid JSON"):
+        MemoryBank.load(tmp_path / "b")
+
+
+def test_same_bank_saved_twice_gives_identical_bytes(tmp_path):
+    feats = torch.randn(30, 8)
+    MemoryBank(feats, {"a": 1}).save(tmp_path / "x")
+    MemoryBank(feats, {"a": 1}).save(tmp_path / "y")
+    assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
