@@ -1,0 +1,131 @@
+"""PatchCore: fit a memory bank of coreset patch features, score images by their farthest patch.
+
+`fit(loader)` extracts locally aware patch embeddings of every training image, keeps a greedy
+coreset (10% by default) as the memory bank; `predict(loader)` scores each test patch by the
+distance to its nearest bank feature (1-NN), takes the image score as the maximum patch score,
+and turns the patch-score grid into a pixel map at the input crop's size (bilinear + Gaussian
+σ = 4). Everything runs on the configured device; CPU when no GPU is present.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from patchcore.anomaly_map import to_pixel_maps
+from patchcore.backbones import FeatureExtractor
+from patchcore.config import ModelConfig, build, to_dict
+from patchcore.coreset import coreset_size, greedy_coreset
+from patchcore.errors import BankFormatError, ConfigError
+from patchcore.features import embed
+from patchcore.memory_bank import MemoryBank
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" -> CUDA when available, else CPU; anything else must be a valid, present device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here (use device: auto)")
+    return device
+
+
+def _images(batch: Any) -> torch.Tensor:
+    return batch["image"] if isinstance(batch, dict) else batch
+
+
+class PatchCore:
+    """The method, free of data loading and training-loop glue."""
+
+    def __init__(self, config: ModelConfig, device: str | torch.device = "auto", seed: int = 0):
+        self.config = config
+        self.seed = seed
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        bb = config.backbone
+        self.extractor = FeatureExtractor(bb.name, bb.layers, bb.weights, seed=seed).to(self.device)
+        self.bank: MemoryBank | None = None
+
+    @property
+    def backbone_id(self) -> str:
+        """Identifies the feature space: banks are only comparable within one id."""
+        bb = self.config.backbone
+        return f"{bb.name}:{'+'.join(bb.layers)}:p{self.config.patch_size}:d{self.config.target_embed_dim}"
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """images (B, 3, H, W) in [0, 1] -> patch embeddings (B, h·w, D) and the grid (h, w)."""
+        maps = self.extractor(images.to(self.device, non_blocking=True))
+        c = self.config
+        return embed(list(maps.values()), c.patch_size, c.pretrain_embed_dim, c.target_embed_dim)
+
+    def extract(self, loader: Iterable[Any], progress: bool = True, desc: str = "extract") -> torch.Tensor:
+        """All patch embeddings of a loader's images, (N·h·w, D) float32 on the device."""
+        chunks = [self.embed(_images(b))[0].flatten(0, 1) for b in tqdm(loader, desc=desc, disable=not progress)]
+        if not chunks:
+            raise ConfigError("no training images to fit on")
+        return torch.cat(chunks)
+
+    def subsample(self, features: torch.Tensor, ratio: float | None = None, progress: bool = True) -> torch.Tensor:
+        """The greedy coreset of `features` (N, D) at `ratio` (default: the configured one)."""
+        c = self.config.coreset
+        size = coreset_size(len(features), c.ratio if ratio is None else ratio)
+        idx = greedy_coreset(
+            features, size, method=c.method, projection_dim=c.projection_dim,
+            num_starts=c.num_starts, seed=self.seed, progress=progress,
+        )
+        return features[idx]
+
+    def fit(self, loader: Iterable[Any], progress: bool = True, metadata: dict[str, Any] | None = None) -> MemoryBank:
+        """Extract, subsample, and keep the memory bank."""
+        features = self.extract(loader, progress)
+        return self.set_bank(self.subsample(features, progress=progress), metadata, num_patches=len(features))
+
+    def set_bank(self, features: torch.Tensor, metadata: dict[str, Any] | None = None, **extra: Any) -> MemoryBank:
+        """Install (M, D) features as the bank, with the metadata needed to rebuild the model."""
+        meta = {"model": to_dict(self.config), "seed": self.seed, "backbone_id": self.backbone_id, **extra}
+        meta.update(metadata or {})
+        self.bank = MemoryBank(features, meta, nn_backend=self.config.nn_backend).to(self.device)
+        return self.bank
+
+    @torch.inference_mode()
+    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) -> image scores (B,) and pixel maps (B, H, W), on the device."""
+        if self.bank is None:
+            raise ConfigError("the model has no memory bank: fit it or load one first")
+        emb, grid = self.embed(images)  # (B, L, D)
+        b, n, d = emb.shape
+        dist, _ = self.bank.nearest(emb.reshape(b * n, d), k=self.config.num_neighbours)  # squared
+        patch = dist.mean(dim=1) if self.config.score_distance == "squared_l2" else dist.sqrt().mean(dim=1)
+        patch = patch.reshape(b, *grid)  # (B, h, w)
+        image_scores = patch.flatten(1).max(dim=1).values  # (B,)
+        maps = to_pixel_maps(patch, tuple(images.shape[-2:]), self.config.smoothing_sigma)
+        return image_scores, maps
+
+    def predict(self, loader: Iterable[Any], progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (N,) and maps (N, H, W), on the CPU, for every image of a loader."""
+        scores, maps = [], []
+        for batch in tqdm(loader, desc="score", disable=not progress):
+            s, m = self.score_batch(_images(batch))
+            scores.append(s.cpu())
+            maps.append(m.cpu())
+        return torch.cat(scores), torch.cat(maps)
+
+    @classmethod
+    def from_bank(cls, bank: MemoryBank, config: ModelConfig | None = None, device: str | torch.device = "auto") -> "PatchCore":
+        """A ready-to-score model around a bank; the config comes from the bank when not given."""
+        if config is None:
+            if "model" not in bank.metadata:
+                raise BankFormatError("the memory bank carries no model config; pass one explicitly")
+            config = build(ModelConfig, bank.metadata["model"], "model")
+        model = cls(config, device=device, seed=int(bank.metadata.get("seed", 0)))
+        if bank.dim != config.target_embed_dim:
+            raise BankFormatError(f"bank features have {bank.dim} dims; model.target_embed_dim is {config.target_embed_dim}")
+        model.bank = bank.to(model.device)
+        model.bank.nn_backend = config.nn_backend
+        return model
