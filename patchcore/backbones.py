@@ -169,7 +169,11 @@ def build_network(name: str, weights: str, seed: int = 0) -> tuple[nn.Module, Ba
         spec.imagenet(model)
     elif weights != "none":
         state = load_state_dict_file(weights)
-        result = model.load_state_dict(state, strict=False)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
+            raise WeightsError(f"weights file {weights} does not fit {name}: {detail[:160]}") from None
         if result.missing_keys:
             raise WeightsError(
                 f"weights file {weights} does not fit {name}: {len(result.missing_keys)} missing keys, "
