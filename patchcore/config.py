@@ -78,7 +78,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ThresholdConfig:
-    method: str = "f1"  # "f1" (needs anomalous validation scores) | "quantile" (normal scores only)
+    method: str = "quantile"  # "quantile" (normal validation scores) | "f1" (needs anomalous ones too)
     quantile: float = 0.99
 
 

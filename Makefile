@@ -1,0 +1,28 @@
+# `make demo` and `make test` create .venv when missing, install fedpatch (-e ".[dev]"), then run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedpatch-installed
+export FLWR_TELEMETRY_ENABLED ?= 0
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedpatch compare --config configs/default.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(PY) experiments/bench_patchcore.py
+
+clean:
+	rm -rf results .cache .pytest_cache

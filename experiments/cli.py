@@ -1,0 +1,166 @@
+"""`fedpatch`: the command line. The only place where errors become one line and an exit code.
+
+    fedpatch fit      --config C            fit one bank per category        -> results/fit-*/
+    fedpatch evaluate --run RUN             metrics, ROC, overlays           -> RUN/evaluation-*/
+    fedpatch predict  IMAGE... --bank B     score, threshold, decision, overlay
+    fedpatch compare  --config C            federated vs centralized vs local -> results/compare-*/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from patchcore.errors import FedpatchError
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            from patchcore.errors import ConfigError
+
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    if getattr(args, "data_root", None):
+        out["data.root"] = args.data_root
+    if getattr(args, "category", None):
+        out["data.categories"] = list(args.category)
+    return out
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from experiments.runs import Manifest, new_run_dir, write_config
+    from experiments.scoring import fit_category
+    from federated.config import ExperimentConfig
+    from patchcore.config import load_config
+    from patchcore.data.sources import categories, data_root, load_records
+
+    config = load_config(args.config, ExperimentConfig, _overrides(args))
+    root = data_root(config.data, config.seed)
+    records = {c: load_records(config.data, root, c) for c in categories(config.data, root)}  # validate all first
+    run_dir = new_run_dir(config.output_dir, "fit", args.out)
+    write_config(run_dir, config)
+    manifest = Manifest(run_dir, config, "fit")
+    manifest.write(status="running", data_root=str(root))
+    banks = {}
+    for category, recs in records.items():
+        start = time.time()
+        model, _ = fit_category(config, category, recs, progress=not args.quiet)
+        path, _ = model.bank.save(run_dir / "banks" / category)
+        manifest.time(f"fit.{category}", time.time() - start)
+        banks[category] = {"path": str(path), "size": len(model.bank), "threshold": model.bank.metadata.get("threshold")}
+        print(f"{category}: bank {len(model.bank)} x {model.bank.dim} from {model.bank.metadata['num_patches']} patches "
+              f"({time.time() - start:.1f} s) -> {path}")
+    manifest.write(status="complete", banks=banks)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from experiments.reports import METRIC_COLUMNS, format_table, write_evaluation
+    from experiments.runs import Manifest, new_run_dir
+    from experiments.scoring import score_records
+    from federated.config import ExperimentConfig
+    from patchcore.config import load_config
+    from patchcore.data.sources import data_root, load_records
+    from patchcore.errors import BankFormatError
+    from patchcore.memory_bank import MemoryBank
+    from patchcore.metrics import f1_max
+    from patchcore.model import PatchCore
+
+    run = Path(args.run)
+    config = load_config(args.config or run / "config.yaml", ExperimentConfig, _overrides(args))
+    bank_dir = Path(args.banks) if args.banks else run / "banks"
+    bank_files = sorted(bank_dir.glob("*.safetensors"))
+    if not bank_files:
+        raise BankFormatError(f"no memory banks (*.safetensors) in {bank_dir}")
+    wanted = set(config.data.categories) if args.category else None
+    banks = {p.stem: MemoryBank.load(p) for p in bank_files if wanted is None or p.stem in wanted}
+    root = data_root(config.data, config.seed)
+    tests = {c: [r for r in load_records(config.data, root, c) if r.split == "test"] for c in banks}
+    out = new_run_dir(run, "evaluation", args.out)
+    manifest = Manifest(out, config, "evaluate")
+    results = {}
+    for category, bank in banks.items():
+        model = PatchCore.from_bank(bank, device=config.device)
+        scored = score_records(model, tests[category], config, progress=not args.quiet, desc=f"score {category}")
+        metrics = scored.metrics()
+        stored = bank.metadata.get("threshold")
+        threshold = stored["value"] if stored else f1_max(scored.labels, scored.scores)[1]
+        metrics["threshold_source"] = stored["method"] if stored else "f1-max on the test set (optimistic)"
+        results[category] = (scored, metrics, float(threshold))
+    summary = write_evaluation(out, results, config, overlays=args.overlays)
+    manifest.write(status="complete", banks={c: str(bank_dir / f"{c}.safetensors") for c in banks})
+    rows = [{"category": c, **{k: v.get(k) for k in METRIC_COLUMNS}} for c, v in summary.items()]
+    print(format_table(rows, ("category", *METRIC_COLUMNS)))
+    print(f"evaluation folder: {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from experiments.predict import predict_images
+
+    return predict_images(args)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from experiments.compare import run_compare
+
+    return run_compare(args, _overrides(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpatch", description="Federated PatchCore for industrial anomaly detection.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+        p.add_argument("--config", required=config_required, help="YAML config (see configs/)")
+        p.add_argument("--data-root", help="dataset folder (overrides data.root)")
+        p.add_argument("--category", action="append", help="only this category (repeatable)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. model.coreset.ratio=0.05")
+        p.add_argument("--out", help="output folder (must be new or empty)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    fit = sub.add_parser("fit", help="fit one memory bank per category")
+    common(fit)
+    fit.set_defaults(func=cmd_fit)
+    ev = sub.add_parser("evaluate", help="score the test images of a fitted run")
+    common(ev, config_required=False)
+    ev.add_argument("--run", required=True, help="a run folder written by `fedpatch fit`")
+    ev.add_argument("--banks", help="folder of banks (default: RUN/banks)")
+    ev.add_argument("--overlays", type=int, default=8, help="heatmap overlays per category (0: none)")
+    ev.set_defaults(func=cmd_evaluate)
+    pr = sub.add_parser("predict", help="score images with a bank: score, threshold, decision, overlay")
+    pr.add_argument("images", nargs="+", help="image files")
+    pr.add_argument("--bank", required=True, help="a .safetensors bank (its .json beside it)")
+    pr.add_argument("--threshold", type=float, help="decision threshold (default: the bank's calibrated one)")
+    pr.add_argument("--out", help="folder for overlays (must be new or empty)")
+    pr.add_argument("--device", default="auto")
+    pr.set_defaults(func=cmd_predict)
+    cmp = sub.add_parser("compare", help="federated vs centralized vs local-only PatchCore on the same images")
+    common(cmp)
+    cmp.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FedpatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Pictures people look at instead of reading: ROC curves, heatmap overlays, histograms, bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+
+def _save(fig: "plt.Figure", path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def roc_plot(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "Image-level ROC") -> Path:
+    """One ROC curve per name from (labels, scores)."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (labels, scores) in curves.items():
+        if len(set(labels.tolist())) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(labels, scores)
+        from sklearn.metrics import auc
+
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, path: Path, title: str,
+            vmin: float, vmax: float, threshold: float | None = None) -> Path:
+    """image (H, W, 3) in [0, 1], anomaly map (H, W): part | heatmap overlay (+ GT contour)."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
+    axes[0].imshow(image)
+    axes[0].set_title("part")
+    axes[1].imshow(image)
+    heat = axes[1].imshow(amap, cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+    if mask is not None and mask.any():
+        axes[1].contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.2)
+    if threshold is not None:
+        axes[1].contour(amap, levels=[threshold], colors="magenta", linewidths=0.8, linestyles="--")
+    axes[1].set_title("anomaly map (white: ground truth)")
+    for ax in axes:
+        ax.axis("off")
+    fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def score_histogram(labels: np.ndarray, scores: np.ndarray, path: Path, threshold: float | None, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(float(scores.min()), float(scores.max()), 30)
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good")
+    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="defective")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.3g}")
+    ax.set(xlabel="image anomaly score", ylabel="images", title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], path: Path, ylabel: str,
+                 title: str, errors: Mapping[str, Sequence[float]] | None = None, ylim: tuple[float, float] | None = None) -> Path:
+    """Bars per group (e.g. category) for each series (e.g. federated / centralized / local)."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(groups) * max(1, len(series)) / 2), 4))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(groups))
+    for i, (name, values) in enumerate(series.items()):
+        err = None if errors is None else errors.get(name)
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, yerr=err, label=name, capsize=3)
+    ax.set_xticks(x, groups, rotation=20 if len(groups) > 4 else 0)
+    ax.set(ylabel=ylabel, title=title)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

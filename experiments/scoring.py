@@ -1,0 +1,92 @@
+"""Fit and score one category: the shared step behind `fit`, `evaluate` and `compare`.
+
+`fit_category` builds a bank from training records (and calibrates a threshold on validation
+images when the category has them); `score_records` runs a model over records in one pass,
+keeping image scores, pixel maps and ground-truth masks side by side for the metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from patchcore.config import Config
+from patchcore.data import ImageDataset, ImageRecord, PairTransform, make_loader
+from patchcore.data.sources import model_preprocess
+from patchcore.metrics import evaluate
+from patchcore.model import PatchCore
+from patchcore.threshold import Threshold, calibrate_threshold
+
+
+@dataclass
+class ScoredSet:
+    """Scores of a list of records, in record order."""
+
+    records: list[ImageRecord]
+    scores: np.ndarray  # (N,)
+    maps: np.ndarray  # (N, h, w) float32
+    masks: np.ndarray  # (N, h, w) bool
+    has_mask: np.ndarray  # (N,) bool
+    labels: np.ndarray = field(init=False)  # (N,)
+
+    def __post_init__(self) -> None:
+        self.labels = np.array([r.label for r in self.records], dtype=np.int64)
+
+    def metrics(self) -> dict[str, Any]:
+        return evaluate(self.labels, self.scores, masks=self.masks, maps=self.maps,
+                        defects=[r.defect for r in self.records], has_mask=self.has_mask)
+
+
+def loader_for(records: Sequence[ImageRecord], config: Config, shifts: Mapping[str, PairTransform] | None = None):
+    dataset = ImageDataset(list(records), model_preprocess(config.data), shifts)
+    return make_loader(dataset, config.data.batch_size, config.data.num_workers)
+
+
+def score_records(model: PatchCore, records: Sequence[ImageRecord], config: Config,
+                  shifts: Mapping[str, PairTransform] | None = None, progress: bool = True,
+                  desc: str = "score") -> ScoredSet:
+    """One pass over `records`: image scores, pixel maps and masks."""
+    from tqdm.auto import tqdm
+
+    scores, maps, masks, has_mask = [], [], [], []
+    for batch in tqdm(loader_for(records, config, shifts), desc=desc, disable=not progress):
+        s, m = model.score_batch(batch["image"])
+        scores.append(s.cpu().numpy())
+        maps.append(m.cpu().numpy().astype(np.float32))
+        masks.append(batch["mask"][:, 0].numpy() > 0.5)
+        has_mask.append(batch["has_mask"].numpy())
+    return ScoredSet(list(records), np.concatenate(scores), np.concatenate(maps),
+                     np.concatenate(masks), np.concatenate(has_mask))
+
+
+def calibrate(model: PatchCore, validation: Sequence[ImageRecord], config: Config,
+              shifts: Mapping[str, PairTransform] | None = None, progress: bool = True) -> Threshold | None:
+    """A PASS/FAIL threshold from validation images, or None when there are none."""
+    if not validation:
+        return None
+    scored = score_records(model, validation, config, shifts, progress, desc="calibrate")
+    normal = scored.scores[scored.labels == 0]
+    anomalous = scored.scores[scored.labels == 1]
+    method = config.threshold.method if len(anomalous) else "quantile"
+    return calibrate_threshold(normal, anomalous if len(anomalous) else None, method=method,
+                               quantile=config.threshold.quantile)
+
+
+def fit_category(config: Config, category: str, records: Sequence[ImageRecord],
+                 shifts: Mapping[str, PairTransform] | None = None, progress: bool = True,
+                 device: str | torch.device | None = None) -> tuple[PatchCore, torch.Tensor]:
+    """A PatchCore fitted on the category's training records (threshold from its validation
+    records, when any, in the bank metadata), and the (N, D) training features it saw."""
+    model = PatchCore(config.model, device=device or config.device, seed=config.seed)
+    train = [r for r in records if r.split == "train"]
+    features = model.extract(loader_for(train, config, shifts), progress, desc=f"extract {category}")
+    meta = {"category": category, "num_train_images": len(train), "preprocess": {
+        "resize": config.data.resize, "crop": config.data.crop}}
+    model.set_bank(model.subsample(features, progress=progress), meta, num_patches=len(features))
+    threshold = calibrate(model, [r for r in records if r.split == "validation"], config, shifts, progress)
+    if threshold is not None:
+        model.bank.metadata["threshold"] = threshold.to_dict()
+    return model, features
