@@ -104,6 +104,7 @@ def _overlap_curve(neg: np.ndarray, reg: np.ndarray, reg_ids: np.ndarray,
     ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))  # (K,) last of each tie run
     hits = np.cumsum(is_reg)[ends]  # (K,) region entries with score >= t
     overlap = np.concatenate([[0.0], np.cumsum(gains)])[hits] / saturation.size  # (K,)
+    np.minimum(overlap, 1.0, out=overlap)  # rounding of the running sum must not pass 1
     fpr = (ends + 1 - hits) / neg.size  # (K,)
     return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], overlap])
 
