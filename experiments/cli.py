@@ -41,10 +41,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from federated.config import ExperimentConfig
     from patchcore.config import load_config
     from patchcore.data.sources import categories, data_root, load_records
+    from patchcore.model import PatchCore
 
     config = load_config(args.config, ExperimentConfig, _overrides(args))
     root = data_root(config.data, config.seed)
     records = {c: load_records(config.data, root, c) for c in categories(config.data, root)}  # validate all first
+    model = PatchCore(config.model, device=config.device, seed=config.seed)  # backbone, layers, weights
     run_dir = new_run_dir(config.output_dir, "fit", args.out)
     write_config(run_dir, config)
     manifest = Manifest(run_dir, config, "fit")
@@ -52,7 +54,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     banks = {}
     for category, recs in records.items():
         start = time.time()
-        model, _ = fit_category(config, category, recs, progress=not args.quiet)
+        model, _ = fit_category(config, category, recs, progress=not args.quiet, model=model)
         path, _ = model.bank.save(run_dir / "banks" / category)
         manifest.time(f"fit.{category}", time.time() - start)
         banks[category] = {"path": str(path), "size": len(model.bank), "threshold": model.bank.metadata.get("threshold")}

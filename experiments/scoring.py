@@ -77,10 +77,12 @@ def calibrate(model: PatchCore, validation: Sequence[ImageRecord], config: Confi
 
 def fit_category(config: Config, category: str, records: Sequence[ImageRecord],
                  shifts: Mapping[str, PairTransform] | None = None, progress: bool = True,
-                 device: str | torch.device | None = None) -> tuple[PatchCore, torch.Tensor]:
+                 model: PatchCore | None = None) -> tuple[PatchCore, torch.Tensor]:
     """A PatchCore fitted on the category's training records (threshold from its validation
-    records, when any, in the bank metadata), and the (N, D) training features it saw."""
-    model = PatchCore(config.model, device=device or config.device, seed=config.seed)
+    records, when any, in the bank metadata), and the (N, D) training features it saw.
+
+    Pass `model` to reuse a loaded backbone across categories; its bank is replaced."""
+    model = model or PatchCore(config.model, device=config.device, seed=config.seed)
     train = [r for r in records if r.split == "train"]
     features = model.extract(loader_for(train, config, shifts), progress, desc=f"extract {category}")
     meta = {"category": category, "num_train_images": len(train), "preprocess": {

@@ -109,6 +109,9 @@ class Config:
         for ok, key, message in checks:
             if not ok:
                 raise ConfigError(f"{key} {message}")
+        from patchcore.backbones import backbone_spec
+
+        backbone_spec(self.model.backbone.name)  # unknown names fail here, before any work
         if self.data.format != "synthetic" and not self.data.root:
             raise ConfigError("data.root is empty: give the dataset folder (config, --data-root or FEDPATCH_DATA_ROOT)")
 

@@ -1,0 +1,142 @@
+"""The command line end to end on tiny synthetic data: outputs, one-line errors, determinism."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from experiments.cli import main
+
+TINY = {
+    "seed": 0,
+    "device": "cpu",
+    "data": {"format": "synthetic", "resize": 64, "crop": 64, "batch_size": 8,
+             "synthetic": {"categories": ["disc"], "size": 64, "n_train": 6, "n_test_good": 3, "n_test_defect": 4}},
+    "model": {"backbone": {"name": "efficientnet_lite0", "layers": ["layer2", "layer3"], "weights": "imagenet"}},
+}
+
+
+def write_config(tmp_path: Path, config: dict, name: str = "c.yaml") -> Path:
+    cfg = json.loads(json.dumps(config))
+    cfg.setdefault("output_dir", str(tmp_path / "results"))
+    if cfg["data"]["format"] == "synthetic":
+        cfg["data"].setdefault("root", str(tmp_path / "synthetic"))
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    config = write_config(tmp, TINY)
+    assert main(["fit", "--config", str(config), "--quiet", "--out", str(tmp / "run")]) == 0
+    return tmp, config, tmp / "run"
+
+
+def test_fit_writes_bank_config_and_manifest(fitted):
+    _, _, run = fitted
+    bank_json = json.loads((run / "banks" / "disc.json").read_text())
+    # 6 train images x (64/8)^2 = 64 patches -> 384 patches -> 10% = 38
+    assert bank_json["shape"] == [38, 1024]
+    assert bank_json["metadata"]["num_patches"] == 384 and bank_json["metadata"]["category"] == "disc"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["versions"]["torch"] != "absent"
+    assert "commit" in manifest["git"] and manifest["config"]["model"]["backbone"]["name"] == "efficientnet_lite0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["crop"] == 64
+
+
+def test_evaluate_writes_metrics_plots_and_overlays(fitted, capsys):
+    _, _, run = fitted
+    code, out, _ = run_cli(["evaluate", "--run", run, "--quiet", "--out", run / "eval", "--overlays", "2"], capsys)
+    assert code == 0 and "image_auroc" in out
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["disc"]["num_images"] == 7 and 0.0 <= metrics["disc"]["image_auroc"] <= 1.0
+    for name in ("metrics.csv", "scores.csv", "roc.png", "manifest.json", "histograms/disc.png"):
+        assert (run / "eval" / name).is_file(), name
+    assert len(list((run / "eval" / "overlays" / "disc").glob("*.png"))) == 2
+    rows = (run / "eval" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 8 and rows[0].startswith("category,image,defect,label,score,decision")
+
+
+def test_predict_prints_score_threshold_decision_and_overlay(fitted, capsys, tmp_path):
+    tmp, _, run = fitted
+    image = next((tmp / "synthetic" / "disc" / "test").glob("*/*.png"))
+    code, out, _ = run_cli(["predict", image, "--bank", run / "banks" / "disc.safetensors", "--threshold", "1.0",
+                            "--out", tmp_path / "pred", "--device", "cpu"], capsys)
+    assert code == 0 and "FAIL" in out  # squared-L2 scores of real features are far above 1.0
+    assert (tmp_path / "pred" / f"{image.stem}.png").is_file()
+
+
+def test_same_seed_twice_gives_identical_bank_bytes_and_scores(fitted, capsys):
+    tmp, config, run = fitted
+    code, _, _ = run_cli(["fit", "--config", config, "--quiet", "--out", tmp / "run2"], capsys)
+    assert code == 0
+    assert (run / "banks" / "disc.safetensors").read_bytes() == (tmp / "run2" / "banks" / "disc.safetensors").read_bytes()
+    for name in ("e1", "e2"):
+        assert main(["evaluate", "--run", str(run), "--quiet", "--overlays", "0", "--out", str(tmp / name)]) == 0
+    capsys.readouterr()
+    assert (tmp / "e1" / "scores.csv").read_text() == (tmp / "e2" / "scores.csv").read_text()
+
+
+def test_existing_output_is_never_overwritten(fitted, capsys):
+    _, config, run = fitted
+    before = (run / "banks" / "disc.safetensors").read_bytes()
+    code, _, err = run_cli(["fit", "--config", config, "--quiet", "--out", run], capsys)
+    assert code == 2 and "already holds files" in err and str(run) in err
+    assert (run / "banks" / "disc.safetensors").read_bytes() == before
+
+
+def _one_line_error(code: int, err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("patch, expected", [
+    ({"model": {"backbone": {"name": "vgg16"}}}, "unknown backbone 'vgg16'"),
+    ({"model": {"coreset": {"ratio": 1.5}}}, "model.coreset.ratio"),
+    ({"model": {"coreset": {"ratio": 0}}}, "model.coreset.ratio"),
+    ({"model": {"corset": {}}}, "unknown config key 'model.corset'"),
+    ({"data": {"format": "mvtec", "root": "/nonexistent/mvtec"}}, "/nonexistent/mvtec"),
+])
+def test_bad_config_is_one_line_and_writes_nothing(tmp_path, capsys, patch, expected):
+    cfg = json.loads(json.dumps(TINY))
+    for section, values in patch.items():
+        cfg[section] = {**cfg[section], **values}
+    config = write_config(tmp_path, cfg)
+    code, _, err = run_cli(["fit", "--config", config, "--quiet"], capsys)
+    assert expected in _one_line_error(code, err)
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+def test_corrupt_image_in_dataset_is_one_line_naming_the_file(tmp_path, capsys):
+    root = tmp_path / "mv"
+    for sub in ("train/good", "test/good"):
+        (root / "cat" / sub).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((64, 64, 3), 100 + i, np.uint8)).save(root / "cat" / sub / f"{i}.png")
+    bad = root / "cat" / "train" / "good" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    cfg = {**TINY, "data": {**TINY["data"], "format": "mvtec", "root": str(root)}}
+    code, _, err = run_cli(["fit", "--config", write_config(tmp_path, cfg), "--quiet"], capsys)
+    assert str(bad) in _one_line_error(code, err)
+
+
+def test_console_script_exit_code_and_stderr(tmp_path):
+    cfg = {**TINY, "model": {"backbone": {"name": "nope"}}}
+    exe = Path(sys.executable).with_name("fedpatch")
+    result = subprocess.run([str(exe), "fit", "--config", str(write_config(tmp_path, cfg))], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: unknown backbone 'nope'")
+    assert len(result.stderr.strip().splitlines()) == 1
