@@ -68,7 +68,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from experiments.reports import METRIC_COLUMNS, format_table, write_evaluation
     from experiments.runs import Manifest, new_run_dir
-    from experiments.scoring import score_records
+    from experiments.scoring import evaluate_scored, score_records
     from federated.config import ExperimentConfig
     from patchcore.config import load_config
     from patchcore.data.sources import data_root, load_records
@@ -93,7 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for category, bank in banks.items():
         model = PatchCore.from_bank(bank, device=config.device)
         scored = score_records(model, tests[category], config, progress=not args.quiet, desc=f"score {category}")
-        metrics = scored.metrics()
+        metrics = evaluate_scored(scored, config, root, category)
         stored = bank.metadata.get("threshold")
         threshold = stored["value"] if stored else f1_max(scored.labels, scored.scores)[1]
         metrics["threshold_source"] = stored["method"] if stored else "f1-max on the test set (optimistic)"

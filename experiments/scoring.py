@@ -8,15 +8,18 @@ keeping image scores, pixel maps and ground-truth masks side by side for the met
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from patchcore.config import Config
-from patchcore.data import ImageDataset, ImageRecord, PairTransform, make_loader
+from patchcore.data import ImageDataset, ImageRecord, PairTransform, image_size, make_loader, read_region, union_mask
+from patchcore.data.autovi import load_defects_config
 from patchcore.data.sources import model_preprocess
-from patchcore.metrics import evaluate
+from patchcore.errors import DataError
+from patchcore.metrics import auc_spro, evaluate, spro_region
 from patchcore.model import PatchCore
 from patchcore.threshold import Threshold, calibrate_threshold
 
@@ -38,6 +41,31 @@ class ScoredSet:
     def metrics(self) -> dict[str, Any]:
         return evaluate(self.labels, self.scores, masks=self.masks, maps=self.maps,
                         defects=[r.defect for r in self.records], has_mask=self.has_mask)
+
+
+def evaluate_scored(scored: ScoredSet, config: Config, root: Path, category: str) -> dict[str, Any]:
+    """The metrics of a scored set, at the crop or (data.evaluate_at_original) at full size."""
+    if not config.data.evaluate_at_original:
+        return scored.metrics()
+    preprocess = model_preprocess(config.data)
+    specs = load_defects_config(root, category) if config.data.format == "autovi" else None
+    maps, masks, regions = [], [], []
+    for record, amap in zip(scored.records, scored.maps):
+        width, height = image_size(record.path)
+        maps.append(preprocess.invert_to_original(torch.from_numpy(amap), (height, width)).numpy())
+        masks.append(np.asarray(union_mask(record.mask_paths, (width, height), image=record.path)) > 0
+                     if record.mask_paths else np.zeros((height, width), bool))
+        if specs is not None:
+            regions.append([spro_region(*read_region(p, specs, (width, height))) for p in record.mask_paths])
+    if len({m.shape for m in maps}) > 1:
+        raise DataError(f"images of category {category} differ in size; evaluate_at_original needs one size")
+    full = ScoredSet(scored.records, scored.scores, np.stack(maps), np.stack(masks), scored.has_mask)
+    metrics = full.metrics()
+    if specs is not None:
+        keep = [i for i, r in enumerate(scored.records) if r.label == 0 or r.mask_paths]
+        metrics["auc_spro_0.05"] = auc_spro([regions[i] for i in keep], [maps[i] for i in keep], fpr_limit=0.05)
+    metrics["resolution"] = "original"
+    return metrics
 
 
 def loader_for(records: Sequence[ImageRecord], config: Config, shifts: Mapping[str, PairTransform] | None = None):

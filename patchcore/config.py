@@ -71,6 +71,9 @@ class DataConfig:
     resize: int | tuple[int, int] = 256
     crop: int | tuple[int, int] | None = 224
     require_masks: bool = True
+    # Metrics on maps mapped back to each image's original size (AutoVI's evaluation requires it;
+    # AutoVI also gets AUC-sPRO@0.05 from defects_config.json). False: at the crop, as PatchCore.
+    evaluate_at_original: bool = False
     batch_size: int = 8
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
