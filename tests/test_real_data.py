@@ -16,10 +16,11 @@ from patchcore.data.sources import load_records
 
 pytestmark = pytest.mark.slow
 
-# category: (image AUROC, pixel AUROC, AUPRO) floors
+# category: (image AUROC, pixel AUROC, AUPRO) floors. Measured (seed 0, CPU, commit of this
+# file): hazelnut 1.000 / 0.987 / 0.942, tire 0.766 / 0.991 / 0.957.
 FLOORS = {
-    "hazelnut": (0.95, 0.95, 0.80),
-    "tire": (0.70, 0.95, 0.80),
+    "hazelnut": (0.95, 0.96, 0.90),
+    "tire": (0.72, 0.97, 0.92),
 }
 
 
