@@ -36,6 +36,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def backbone_id(config: ModelConfig) -> str:
+    """Identifies the feature space: banks and payloads are only comparable within one id."""
+    bb = config.backbone
+    return f"{bb.name}:{'+'.join(bb.layers)}:p{config.patch_size}:d{config.target_embed_dim}"
+
+
 def _images(batch: Any) -> torch.Tensor:
     return batch["image"] if isinstance(batch, dict) else batch
 
@@ -53,9 +59,7 @@ class PatchCore:
 
     @property
     def backbone_id(self) -> str:
-        """Identifies the feature space: banks are only comparable within one id."""
-        bb = self.config.backbone
-        return f"{bb.name}:{'+'.join(bb.layers)}:p{self.config.patch_size}:d{self.config.target_embed_dim}"
+        return backbone_id(self.config)
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

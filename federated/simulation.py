@@ -1,0 +1,179 @@
+"""Run the federation from Python: the same ClientApp and ServerApp, on Flower's Ray simulation.
+
+`run_federation` is what sweeps and `fedpatch compare` call. Flower 1.41's `run_simulation` takes
+no run config (only `flwr run` does), so the apps are built with the run config baked in
+(`build_client_app(defaults)`, `build_server_app(defaults)`); Ray pickles them into its workers.
+One simulated supernode per factory; Ray gives each client actor `client_cpus`/`client_gpus`.
+
+Ray is always shut down before returning, also on errors, and every process the run started
+(Ray's GCS, raylet, worker actors) is waited for, so a sweep or a pytest session does not
+accumulate them; the environment variable Flower changes (PYTHONPATH) is restored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from clients.app import build_client_app
+from federated.config import ExperimentConfig
+from patchcore.config import load_config
+from patchcore.errors import FedpatchError
+from server.app import build_server_app
+
+
+log = logging.getLogger("fedpatch.simulation")
+
+
+class FederationError(FedpatchError):
+    """The simulated federation did not complete (see federation.json for what happened)."""
+
+
+def backend_config(config: ExperimentConfig) -> dict[str, Any]:
+    """Flower's Ray backend settings: resources per client actor, and a Ray cluster to join when
+    federation.ray_address or RAY_ADDRESS names one (otherwise Ray starts a local instance)."""
+    f = config.federation
+    backend: dict[str, Any] = {
+        "client_resources": {"num_cpus": float(f.client_cpus), "num_gpus": float(f.client_gpus)}}
+    address = f.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        backend["init_args"] = {"address": address}
+    return backend
+
+
+def run_config(config_path: str | Path, overrides: dict[str, Any], run_dir: str | Path) -> dict[str, str]:
+    """The run config both apps read, with absolute paths (Ray workers may start elsewhere)."""
+    return {"config": str(Path(config_path).expanduser().resolve()),
+            "overrides": json.dumps(overrides or {}, sort_keys=True),
+            "run-dir": str(Path(run_dir).expanduser().resolve())}
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray instance this process started (or disconnect from a cluster it joined)."""
+    try:
+        import ray
+    except ImportError:
+        return
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """{pid: (parent pid, start time, state)} from /proc; {} where there is no /proc."""
+    table: dict[int, tuple[int, int, str]] = {}
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # fields from #3 (state) on
+            table[int(entry.name)] = (int(fields[1]), int(fields[19]), fields[0])
+    return table
+
+
+def descendants(root: int | None = None) -> dict[int, int]:
+    """{pid: start time} of the live (non-zombie) descendants of `root` (default: this process)."""
+    table = _process_table()
+    found: set[int] = set()
+    frontier = {os.getpid() if root is None else root}
+    while frontier:
+        frontier = {p for p, (ppid, _, _) in table.items() if ppid in frontier} - found
+        found |= frontier
+    return {p: table[p][1] for p in found if table[p][2] != "Z"}
+
+
+class ProcessWatch:
+    """Remembers every process this one starts while a simulation runs (Ray's GCS, raylet and
+    worker actors), so that they can be waited for afterwards: after `ray.shutdown()` the
+    workers outlive the raylet by a few seconds, no longer as our descendants."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.seen: dict[int, int] = {}
+        self._before: dict[int, int] = {}  # children that existed before: not ours to wait for
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval_s,), daemon=True)
+
+    def _poll(self, interval_s: float) -> None:
+        while not self._stop.is_set():
+            self.seen.update({p: t for p, t in descendants().items()
+                              if self._before.get(p) != t})
+            self._stop.wait(interval_s)
+
+    def __enter__(self) -> "ProcessWatch":
+        self._before = descendants()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def survivors(self) -> list[int]:
+        table = _process_table()
+        return [p for p, start in self.seen.items()
+                if p in table and table[p][1] == start and table[p][2] != "Z"]
+
+    def reap(self, timeout_s: float = 15.0) -> list[int]:
+        """Wait up to `timeout_s` for the seen processes to exit, then kill what is left (same
+        pid and start time: never a stranger that reused a pid); returns the killed pids."""
+        deadline = time.monotonic() + timeout_s
+        while (left := self.survivors()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        return left
+
+
+def run_federation(config_path: str | Path, overrides: dict[str, Any], run_dir: str | Path,
+                   verbose: bool = False) -> dict[str, Any]:
+    """Run one federation (train round, aggregation, evaluate round) and return the parsed
+    run_dir/federated/federation.json; the global banks are in run_dir/federated/banks/."""
+    from flwr.simulation import run_simulation
+
+    config = load_config(config_path, ExperimentConfig, overrides)  # fail before Ray starts
+    settings = run_config(config_path, overrides, run_dir)
+    report_path = Path(settings["run-dir"]) / "federated" / "federation.json"
+    report_path.unlink(missing_ok=True)  # never return a previous run's report
+    saved_pythonpath = os.environ.get("PYTHONPATH")
+    watch = ProcessWatch()
+    try:
+        with watch:
+            run_simulation(server_app=build_server_app(settings),
+                           client_app=build_client_app(settings),
+                           num_supernodes=config.federation.num_factories,
+                           backend_config=backend_config(config),  # type: ignore[arg-type]
+                           verbose_logging=verbose)
+    except SystemExit as exc:  # Flower exits the process on some setup errors
+        raise FederationError(f"the Flower simulation stopped (exit code {exc.code}); "
+                              f"run with verbose=True for Flower's log") from None
+    finally:
+        shutdown_ray()
+        if killed := watch.reap():
+            log.warning("killed %d Ray process(es) still alive 15 s after shutdown: %s",
+                        len(killed), killed)
+        if saved_pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved_pythonpath
+    return _read_report(report_path)
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FederationError(f"the federation wrote no report ({path}); the server did not run")
+    report = json.loads(path.read_text())
+    if report.get("status") != "complete":
+        raise FederationError(f"the federation did not complete: {report.get('status')} "
+                              f"(details in {path})")
+    return report

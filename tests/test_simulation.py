@@ -1,0 +1,393 @@
+"""The federation on Flower: a real Ray simulation with 3 factories on tiny synthetic data, the
+client's messages checked for image content, and the Flower-free site/server logic on its own."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType,
+                      Metadata, MetricRecord, RecordDict)
+from flwr.supercore.task_identity import TaskIdentity
+
+import federated.simulation as simulation
+from clients.app import (BANKS, FEATURES, PAYLOAD, SITE, TIMINGS, build_client_app,
+                         pack_payloads, unpack_payloads)
+from federated.config import ExperimentConfig
+from federated.payload import Payload, encode, raw_feature_bytes
+from federated.plan import experiment_config, plan_factories
+from federated.server_logic import aggregate_all, save_global_banks, upload_stats
+from federated.site import Site
+from patchcore.config import load_config
+from patchcore.coreset import coreset_size
+from patchcore.data import read_image
+from patchcore.errors import ConfigError
+from patchcore.memory_bank import MemoryBank
+from patchcore.model import backbone_id
+from server.app import (decode_train_replies, exchange, new_report,
+                        wait_for_nodes)
+
+DIM = 48  # != the 64-px image side, so no (n, D) array can pass for a grey image
+SIZE, PATCHES = 64, 64  # 64-px images, stride-8 grid: 8 x 8 patches per image
+TINY = {
+    "seed": 0, "device": "cpu",
+    "data": {"format": "synthetic", "resize": SIZE, "crop": SIZE, "batch_size": 8,
+             "synthetic": {"categories": ["stripes", "disc"], "size": SIZE, "n_train": 6,
+                           "n_test_good": 3, "n_test_defect": 3}},
+    "model": {"backbone": {"name": "efficientnet_lite0", "layers": ["layer2", "layer3"],
+                           "weights": "none"},
+              "pretrain_embed_dim": DIM, "target_embed_dim": DIM},
+    "federation": {"num_factories": 3, "partition": "iid", "domain_shift": True,
+                   "local_ratio": 0.25, "global_ratio": 0.1, "client_cpus": 1,
+                   "node_timeout_s": 60, "round_timeout_s": 300},
+}
+
+
+def write_config(folder: Path, **federation) -> Path:
+    cfg = json.loads(json.dumps(TINY))
+    cfg["output_dir"] = str(folder / "results")
+    cfg["data"]["root"] = str(folder.parent / "synthetic")  # shared by all tests of the module
+    cfg["federation"].update(federation)
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class RecordReplies:
+    """A Flower mod that saves every message a client sends (arrays and scalars) to a folder;
+    it runs inside the Ray workers, so the test can inspect what really left each client."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = str(folder)
+
+    def __call__(self, message: Message, context: Context, call_next) -> Message:
+        reply = call_next(message, context)
+        arrays, scalars = {}, {}
+        if reply.has_content():
+            for name, record in reply.content.items():
+                if isinstance(record, ArrayRecord):
+                    arrays.update({f"{name}/{k}": a.numpy() for k, a in record.items()})
+                else:
+                    scalars.update({f"{name}/{k}": v for k, v in record.items()})
+        stem = f"{os.getpid()}-{time.time_ns()}-{reply.metadata.message_type}"
+        np.savez(Path(self.folder) / f"{stem}.npz", **arrays)
+        (Path(self.folder) / f"{stem}.json").write_text(json.dumps(scalars))
+        return reply
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, monkeypatch_module):
+    """One real run_simulation; every client reply is recorded by RecordReplies."""
+    folder = tmp_path_factory.mktemp("federation")
+    recorded = folder / "recorded"
+    recorded.mkdir()
+    config_path = write_config(folder)
+    monkeypatch_module.setattr(simulation, "build_client_app", functools.partial(
+        build_client_app, mods=[RecordReplies(recorded)]))
+    start = time.perf_counter()
+    report = simulation.run_federation(config_path, {}, folder / "run")
+    seconds = time.perf_counter() - start
+    config = load_config(config_path, ExperimentConfig)
+    return {"report": report, "run": folder / "run", "recorded": recorded, "config": config,
+            "plan": plan_factories(config), "seconds": seconds}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_simulation_builds_one_bank_per_category_of_budget_size(federation):
+    report, run = federation["report"], federation["run"]
+    assert report["status"] == "complete"
+    assert not report["failed"] and not report["missing"] and not report["rejected"]
+    for category in ("disc", "stripes"):
+        summary = report["aggregation"][category]
+        bank = MemoryBank.load(run / "federated" / "banks" / category)
+        # 6 train images x 64 patches = 384; global 10% -> 38 rows, out of 3 x 32 received
+        assert summary["budget"] == coreset_size(6 * PATCHES, 0.1) == len(bank) == 38
+        assert summary["union_size"] == 3 * coreset_size(2 * PATCHES, 0.25) == 96
+        assert bank.dim == DIM and bank.metadata["category"] == category
+        assert bank.metadata["backbone_id"] == backbone_id(federation["config"].model)
+        assert sum(bank.metadata["kept_per_factory"].values()) == len(bank)
+
+
+def test_simulation_metrics_come_back_from_every_factory(federation):
+    metrics = federation["report"]["per_factory_metrics"]
+    assert sorted(metrics) == ["factory-0", "factory-1", "factory-2"]
+    for shard in federation["plan"].shards:
+        got = metrics[shard.name]
+        assert sorted(got) == sorted({r.category for r in shard.test})
+        for values in got.values():
+            assert {"image_auroc", "pixel_auroc", "aupro", "num_images"} <= set(values)
+            assert all(isinstance(v, float) for v in values.values())
+
+
+def test_federation_json_has_upload_stats(federation):
+    saved = json.loads((federation["run"] / "federated" / "federation.json").read_text())
+    assert saved["status"] == "complete"
+    for name, stats in saved["factories"].items():
+        per_category = stats["categories"]
+        assert sorted(per_category) == ["disc", "stripes"]
+        assert stats["bytes_sent"] == stats["vectors_sent"] * DIM * 2 == 2 * 32 * DIM * 2  # fp16
+        assert stats["raw_feature_bytes"] == raw_feature_bytes(stats["num_patches"], DIM)
+        assert stats["upload_ratio"] == pytest.approx(stats["bytes_sent"] / stats["raw_feature_bytes"])
+        assert {"extract_s", "coreset_s", "encode_s", "total_s", "evaluate_s"} <= set(stats["seconds"])
+
+
+def test_simulation_leaves_no_ray_process(federation):
+    import ray
+
+    assert not ray.is_initialized()
+    actors = {int(f.name.split("-", 1)[0]) for f in federation["recorded"].glob("*.npz")}
+    assert actors and os.getpid() not in actors  # the clients ran in Ray's worker processes
+    alive = [p for p in actors if Path(f"/proc/{p}").exists()
+             and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, alive
+    children = []
+    for pid in simulation.descendants():
+        try:
+            children.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+        except OSError:  # exited meanwhile
+            pass
+    assert not [c for c in children if b"ray" in c or b"flwr" in c or b"flower" in c], children
+
+
+def _training_pixel_rows(plan, factory: str) -> list[bytes]:
+    """Every pixel row of the factory's training images, as raw bytes: uint8, and float32/fp16
+    in [0, 1] as the loader would give them."""
+    shard = next(s for s in plan.shards if s.name == factory)
+    rows = []
+    for record in shard.train:
+        pixels = np.asarray(read_image(record.path).convert("RGB"))  # (H, W, 3) uint8
+        for row in pixels:
+            scaled = row.astype(np.float32) / 255.0
+            rows += [row.tobytes(), scaled.tobytes(), scaled.astype(np.float16).tobytes()]
+    return rows
+
+
+def assert_no_pixels(arrays: dict[str, np.ndarray], pixel_rows: list[bytes],
+                     num_patches: dict[str, int]) -> None:
+    """Every array is a (n, D) float matrix of patch vectors, n at most the local coreset of the
+    patches it was drawn from (`num_patches` by array name), holding no training image row."""
+    for name, array in arrays.items():
+        assert array.ndim == 2 and array.shape[1] == DIM, (name, array.shape)
+        assert array.dtype in (np.float16, np.float32), (name, array.dtype)
+        assert array.shape[0] <= coreset_size(num_patches[name], 0.25) <= 32, name
+        assert array.shape != (SIZE, SIZE) and 3 not in array.shape
+        blob = array.tobytes()
+        assert not any(row in blob for row in pixel_rows), name
+
+
+def test_every_message_sent_by_simulated_clients_is_free_of_pixels(federation):
+    files = sorted(federation["recorded"].glob("*.npz"))
+    kinds = [f.stem.rsplit("-", 1)[-1] for f in files]
+    assert kinds.count("train") == 3 and kinds.count("evaluate") == 3
+    for file in files:
+        scalars = json.loads(file.with_suffix(".json").read_text())
+        factory = f"factory-{scalars['site/factory-id']}"
+        with np.load(file, allow_pickle=False) as saved:
+            arrays = {k: saved[k] for k in saved.files}
+        assert all(k.startswith(f"{FEATURES}/") for k in arrays)
+        assert bool(arrays) == file.stem.endswith("train")  # evaluate replies: numbers only
+        num_patches = {k: scalars[f"{PAYLOAD}/{k.split('/', 1)[1]}.num_patches"] for k in arrays}
+        assert_no_pixels(arrays, _training_pixel_rows(federation["plan"], factory), num_patches)
+        for key, value in scalars.items():  # scalars only: numbers, short names
+            values = value if isinstance(value, list) else [value]
+            assert all(isinstance(v, (int, float, str)) and len(str(v)) < 80 for v in values), key
+
+
+def _instruction(content: RecordDict, message_type: str, node_id: int) -> Message:
+    metadata = Metadata(run_id=1, message_id="m-1", src_node_id=1, dst_node_id=node_id,
+                        reply_to_message_id="", group_id="", created_at=time.time(), ttl=600.0,
+                        message_type=message_type)
+    return Message(content, metadata=metadata)
+
+
+def test_client_handlers_called_directly_send_only_coresets_and_numbers(federation, tmp_path):
+    settings = simulation.run_config(write_config(tmp_path), {}, tmp_path / "run")
+    app = build_client_app(settings)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
+                      state=RecordDict(), run_config={})
+    reply = app(_instruction(RecordDict(), MessageType.TRAIN, 7), context)
+    assert not reply.has_error() and set(reply.content) == {"features", "payload", "site", "timings"}
+    arrays = {k: a.numpy() for k, a in reply.content[FEATURES].items()}
+    assert sorted(arrays) == ["disc", "stripes"]
+    payloads, problems = unpack_payloads(reply.content[FEATURES], reply.content[PAYLOAD])
+    assert_no_pixels(arrays, _training_pixel_rows(federation["plan"], "factory-1"),
+                     {c: p.num_patches for c, p in payloads.items()})
+    assert not problems and all(p.factory_id == 1 and p.num_patches == 2 * PATCHES
+                                for p in payloads.values())
+    banks = ArrayRecord({c: Array(p.features.astype(np.float32)) for c, p in payloads.items()})
+    answer = app(_instruction(RecordDict({BANKS: banks}), MessageType.EVALUATE, 7), context)
+    assert not answer.has_error() and not any(isinstance(r, ArrayRecord)
+                                              for r in answer.content.values())
+    assert all(isinstance(v, float) for v in answer.content["metrics"].values())
+
+
+# ---- Flower-free parts ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def site_setup(federation):
+    config, plan = federation["config"], federation["plan"]
+    site = Site(config, plan.shard(0), plan.shifts)
+    payloads, seconds = site.local_payloads()
+    return config, plan, site, payloads, seconds
+
+
+def test_plan_is_deterministic_and_complete(federation):
+    config, plan = federation["config"], federation["plan"]
+    again = plan_factories(config)
+    assert [s.train for s in again.shards] == [s.train for s in plan.shards]
+    assert sorted(plan.shifts) == ["factory-0", "factory-1", "factory-2"]
+    assert sum(len(s.train) for s in plan.shards) == 12 and plan.categories == ["stripes", "disc"]
+    with pytest.raises(Exception, match="out of range"):
+        plan.shard(3)
+
+
+def test_site_local_payloads_are_local_coresets(site_setup):
+    config, _, site, payloads, seconds = site_setup
+    assert sorted(payloads) == ["disc", "stripes"]
+    for p in payloads.values():
+        assert p.num_patches == 2 * PATCHES and p.num_images == 2
+        assert p.features.shape == (coreset_size(2 * PATCHES, 0.25), DIM)
+        assert p.features.dtype == np.float16 and p.backbone_id == site.model.backbone_id
+    assert set(seconds) == {"extract_s", "coreset_s", "encode_s"}
+
+
+def test_site_evaluate_returns_numbers_per_category(site_setup):
+    _, plan, site, payloads, _ = site_setup
+    metrics = site.evaluate({c: torch.from_numpy(p.features.astype(np.float32))
+                             for c, p in payloads.items()})
+    assert sorted(metrics) == sorted({r.category for r in plan.shard(0).test})
+    assert all(isinstance(v, float) for m in metrics.values() for v in m.values())
+
+
+def _bad(payload: Payload, features: np.ndarray | None = None, **fields) -> Payload:
+    """A copy of `payload` with some fields (or the features) replaced."""
+    config = {**payload.to_parts()[1], **fields}
+    return Payload(payload.features if features is None else features, **config)
+
+
+def test_aggregate_all_drops_invalid_payloads_with_a_logged_reason(site_setup, caplog, tmp_path):
+    config, _, site, payloads, _ = site_setup
+    good = payloads["disc"]
+    nan = good.features.copy()
+    nan[0, 0] = np.nan
+    sent = {
+        0: {"disc": good, "stripes": _bad(payloads["stripes"], backbone_id="resnet18:x")},
+        1: {"disc": _bad(good, factory_id=1, features=nan)},
+        2: {"disc": _bad(good, factory_id=0)},  # claims to be factory 0
+        3: {"stripes": encode(np.ones((4, DIM + 1), np.float32), num_patches=40, num_images=1,
+                              backbone_id=site.model.backbone_id, factory_id=3)},
+    }
+    rejected: list[dict] = []
+    with caplog.at_level(logging.WARNING, logger="fedpatch.server"):
+        results = aggregate_all(sent, config, {"target_embed_dim": DIM}, site.model.backbone_id,
+                                rejected)
+    assert sorted(results) == ["disc"] and results["disc"].factory_ids == [0]
+    reasons = {(r["factory"], r["category"]): r["reason"] for r in rejected}
+    assert set(reasons) == {("factory-0", "stripes"), ("factory-1", "disc"),
+                            ("factory-2", "disc"), ("factory-3", "stripes")}
+    assert "backbone" in reasons[("factory-0", "stripes")]
+    assert "non-finite" in reasons[("factory-1", "disc")]
+    assert "claims factory-0" in reasons[("factory-2", "disc")]
+    assert "dimension" in reasons[("factory-3", "stripes")]
+    assert caplog.text.count("rejected") == 4 and "no valid payload" in caplog.text
+    written = save_global_banks(results, tmp_path, {"model": {"target_embed_dim": DIM}, "seed": 0})
+    meta = MemoryBank.load(written["disc"]).metadata
+    assert meta["category"] == "disc" and meta["kept_per_factory"] == {"factory-0": len(results["disc"].bank)}
+
+
+def test_oversized_payload_is_rejected(site_setup):
+    config, _, site, payloads, _ = site_setup
+    whole = encode(np.zeros((100, DIM), np.float32), num_patches=128, num_images=2,
+                   backbone_id=site.model.backbone_id, factory_id=0)  # 100 > 25% of 128
+    rejected: list[dict] = []
+    assert aggregate_all({0: {"disc": whole}}, config, {"target_embed_dim": DIM},
+                         site.model.backbone_id, rejected) == {}
+    assert "exceed the limit" in rejected[0]["reason"]
+
+
+def test_upload_stats_and_wire_format_round_trip(site_setup):
+    _, _, _, payloads, seconds = site_setup
+    stats = upload_stats(payloads, seconds)
+    assert stats["bytes_sent"] == sum(p.nbytes for p in payloads.values())
+    assert stats["raw_feature_bytes"] == 2 * raw_feature_bytes(2 * PATCHES, DIM)
+    arrays, scalars = pack_payloads(payloads)
+    back, problems = unpack_payloads(arrays, scalars)
+    assert not problems and back == payloads
+    del scalars["disc.num_patches"]
+    scalars["ghost.num_images"] = 1
+    back, problems = unpack_payloads(arrays, scalars)
+    assert sorted(back) == ["stripes"] and "num_patches" in problems["disc"]
+    assert "features" in problems["ghost"]
+
+
+def test_run_config_errors_are_one_line_config_errors(tmp_path):
+    path = write_config(tmp_path)
+    config, run_dir = experiment_config({"config": str(path), "run-dir": "x",
+                                         "overrides": '{"federation.num_factories": 2}'})
+    assert config.federation.num_factories == 2 and run_dir == Path("x")
+    with pytest.raises(ConfigError, match="lacks run-dir"):
+        experiment_config({"config": str(path), "overrides": ""})
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        experiment_config({"config": str(path), "overrides": "{nope", "run-dir": "x"})
+
+
+def test_server_waits_for_nodes_then_says_how_many_came():
+    class Grid:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def get_node_ids(self):
+            self.calls += 1
+            return [11, 12, 13][: self.calls]
+
+    assert wait_for_nodes(Grid(), 3, timeout_s=5, poll_s=0.01) == [11, 12, 13]
+    with pytest.raises(ConfigError, match="only 2 of 3"):
+        wait_for_nodes(type("G", (), {"get_node_ids": lambda self: [1, 2]})(), 3, 0.05, 0.01)
+
+
+def test_failed_and_silent_nodes_are_recorded_not_raised(site_setup, monkeypatch):
+    config, _, _, payloads, _ = site_setup
+    for name in ("_run_id", "_node_id", "_task_id"):  # set inside a real run; here by hand
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    arrays, scalars = pack_payloads(payloads)
+
+    class Grid:  # node 1 answers, node 2 errs (as a crashed ClientApp), node 3 stays silent
+        def send_and_receive(self, messages, timeout=None):
+            replies = []
+            for m in messages:
+                asked = _instruction(m.content, m.metadata.message_type, m.metadata.dst_node_id)
+                if asked.metadata.dst_node_id == 1:
+                    content = RecordDict({FEATURES: arrays, PAYLOAD: scalars, TIMINGS: MetricRecord(
+                        {"extract_s": 1.0}), SITE: ConfigRecord({"factory-id": 0})})
+                    replies.append(Message(content, reply_to=asked))
+                elif asked.metadata.dst_node_id == 2:
+                    reason = "\x1b[36mray::ClientAppActor.run()\x1b[39m\n  File x\nMessage: boom"
+                    replies.append(Message(Error(code=1, reason=reason), reply_to=asked))
+            return replies
+
+    report = new_report(config)
+    sent = {n: RecordDict() for n in (1, 2, 3)}
+    replies = exchange(Grid(), sent, MessageType.TRAIN, 5.0, report, "train")
+    payloads_back, nodes = decode_train_replies(replies, report)
+    assert sorted(replies) == [1] and nodes == {0: 1} and payloads_back[0] == payloads
+    assert report["failed"] == [{"node_id": 2, "phase": "train", "reason": "Message: boom"}]
+    assert [m["node_id"] for m in report["missing"]] == [3]
+    assert report["factories"]["factory-0"]["seconds"] == {"extract_s": 1.0}
+
+
+def test_simulation_time_budget(federation):
+    assert federation["seconds"] < 120, federation["seconds"]
