@@ -110,7 +110,7 @@ def result_rows(plan: Any, central: dict, federated: dict, local: dict) -> list[
             values = {k: [m[k] for m in per_factory.values()] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")}
             rows.append({"category": category, "method": f"local (mean of {len(per_factory)})",
                          **{k: float(np.nanmean(v)) for k, v in values.items()},
-                         "bank_size": float(np.mean([m["bank_size"] for m in per_factory.values()])),
+                         "bank_size": int(round(np.mean([m["bank_size"] for m in per_factory.values()]))),
                          "coverage_radius": None})
     return rows
 
@@ -130,8 +130,10 @@ def write_plots(run_dir: Path, rows: list[dict[str, Any]], uploads: list[dict[st
     for metric in ("image_auroc", "pixel_auroc", "aupro"):
         series = {m: [next((r[metric] for r in rows if r["category"] == c and r["method"] == m), np.nan)
                       for c in plan.categories] for m in methods}
+        values = [v for vs in series.values() for v in vs if np.isfinite(v)]
+        low = max(0.0, np.floor((min(values, default=0.0) - 0.02) * 20) / 20)  # zoom: differences are small
         paths.append(plots.grouped_bars(plan.categories, series, run_dir / f"{metric}.png", metric.replace("_", " "),
-                                        f"{metric.replace('_', ' ')}: federated vs centralized vs local", ylim=(0, 1.05)))
+                                        f"{metric.replace('_', ' ')}: federated vs centralized vs local", ylim=(low, 1.01)))
     if uploads:
         mib = 1 / (1 << 20)
         series = {"raw patch features": [u["raw_feature_bytes"] * mib for u in uploads],

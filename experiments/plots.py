@@ -76,10 +76,11 @@ def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], p
     x = np.arange(len(groups))
     for i, (name, values) in enumerate(series.items()):
         err = None if errors is None else errors.get(name)
-        ax.bar(x + i * width - 0.4 + width / 2, values, width, yerr=err, label=name, capsize=3)
+        bars = ax.bar(x + i * width - 0.4 + width / 2, values, width, yerr=err, label=name, capsize=3)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
     ax.set_xticks(x, groups, rotation=20 if len(groups) > 4 else 0)
     ax.set(ylabel=ylabel, title=title)
     if ylim:
         ax.set_ylim(*ylim)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=max(1, len(series)))
     return _save(fig, path)

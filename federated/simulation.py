@@ -146,6 +146,10 @@ def run_federation(config_path: str | Path, overrides: dict[str, Any], run_dir: 
     report_path = Path(settings["run-dir"]) / "federated" / "federation.json"
     report_path.unlink(missing_ok=True)  # never return a previous run's report
     saved_pythonpath = os.environ.get("PYTHONPATH")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's per-run "tip" warning
+    quiet = _DropDeprecationNotice()
+    if not verbose:
+        logging.getLogger("flwr").addFilter(quiet)
     watch = ProcessWatch()
     try:
         with watch:
@@ -158,6 +162,7 @@ def run_federation(config_path: str | Path, overrides: dict[str, Any], run_dir: 
         raise FederationError(f"the Flower simulation stopped (exit code {exc.code}); "
                               f"run with verbose=True for Flower's log") from None
     finally:
+        logging.getLogger("flwr").removeFilter(quiet)
         shutdown_ray()
         if killed := watch.reap():
             log.warning("killed %d Ray process(es) still alive 15 s after shutdown: %s",
@@ -167,6 +172,14 @@ def run_federation(config_path: str | Path, overrides: dict[str, Any], run_dir: 
         else:
             os.environ["PYTHONPATH"] = saved_pythonpath
     return _read_report(report_path)
+
+
+class _DropDeprecationNotice(logging.Filter):
+    """Flower 1.41 warns on every `run_simulation` call that it prefers `flwr run`; both are
+    supported here (README), so the notice is noise in `fedpatch compare`'s output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "deprecated feature" not in record.getMessage().lower()
 
 
 def _read_report(path: Path) -> dict[str, Any]:
