@@ -23,7 +23,7 @@ from experiments import plots
 from experiments.reports import flat_metrics, format_table, write_table
 from experiments.report_md import write_report
 from experiments.runs import Manifest, new_run_dir, write_config, write_json
-from experiments.scoring import fit_category, score_records
+from experiments.scoring import evaluate_scored, fit_category, score_records
 from federated.config import ExperimentConfig
 from federated.plan import plan_factories
 from federated.simulation import run_federation
@@ -41,16 +41,18 @@ def run_centralized(config: ExperimentConfig, plan: Any, run_dir: Path, progress
     """Per category: fit on the union, score the union test set; keeps features for coverage."""
     out: dict[str, Any] = {}
     everything = [r for s in plan.shards for r in (*s.train, *s.validation, *s.test)]
+    model = PatchCore(config.model, device=config.device, seed=config.seed)
     for category in plan.categories:
         records = [r for r in everything if r.category == category]
         start = time.time()
-        model, features = fit_category(config, category, records, plan.shifts, progress)
+        model, features = fit_category(config, category, records, plan.shifts, progress, model=model)
         fit_s = time.time() - start
         model.bank.save(run_dir / "centralized" / "banks" / category)
         scored = score_records(model, _by_category(records, category, "test"), config, plan.shifts, progress,
                                desc=f"score central {category}")
-        out[category] = {"metrics": scored.metrics(), "bank_size": len(model.bank), "features": features.cpu(),
-                         "fit_s": fit_s, "score_s": time.time() - start - fit_s, "model": model}
+        out[category] = {"metrics": evaluate_scored(scored, config, plan.root, category), "bank_size": len(model.bank),
+                         "features": features.cpu(), "fit_s": fit_s, "score_s": time.time() - start - fit_s,
+                         "coverage_radius": coverage_radius(model.bank.features, features)}
     return out
 
 
@@ -71,7 +73,8 @@ def score_federated(config: ExperimentConfig, plan: Any, run_dir: Path, central:
                                desc=f"score federated {category}")
         features = central[category]["features"]
         out[category] = {
-            "metrics": scored.metrics(), "bank_size": len(bank), "score_s": time.time() - start,
+            "metrics": evaluate_scored(scored, config, plan.root, category), "bank_size": len(bank),
+            "score_s": time.time() - start,
             "coverage_radius": coverage_radius(bank.features, features),
         }
     return out
@@ -80,15 +83,17 @@ def score_federated(config: ExperimentConfig, plan: Any, run_dir: Path, central:
 def run_local(config: ExperimentConfig, plan: Any, progress: bool) -> dict[str, dict[str, Any]]:
     """Each factory alone: {category: {factory name: metrics}}."""
     out: dict[str, dict[str, Any]] = {c: {} for c in plan.categories}
+    model = PatchCore(config.model, device=config.device, seed=config.seed)  # one backbone for all fits
     for shard in plan.shards:
         for category in plan.categories:
             records = [r for r in (*shard.train, *shard.validation, *shard.test) if r.category == category]
             train, test = _by_category(records, category, "train"), _by_category(records, category, "test")
             if not train or not test:
                 continue
-            model, _ = fit_category(config, category, records, plan.shifts, progress=False)
+            model, _ = fit_category(config, category, records, plan.shifts, progress=False, model=model)
             scored = score_records(model, test, config, plan.shifts, progress=False)
-            out[category][shard.name] = {**scored.metrics(), "bank_size": len(model.bank), "num_train": len(train)}
+            metrics = evaluate_scored(scored, config, plan.root, category)
+            out[category][shard.name] = {**metrics, "bank_size": len(model.bank), "num_train": len(train)}
             if progress:
                 print(f"local {shard.name}/{category}: image AUROC {out[category][shard.name]['image_auroc']:.3f}")
     return out
@@ -100,7 +105,7 @@ def result_rows(plan: Any, central: dict, federated: dict, local: dict) -> list[
     for category in plan.categories:
         c = central[category]
         rows.append({"category": category, "method": "centralized", **flat_metrics(c["metrics"]),
-                     "bank_size": c["bank_size"], "coverage_radius": coverage_radius(c["model"].bank.features, c["features"])})
+                     "bank_size": c["bank_size"], "coverage_radius": c["coverage_radius"]})
         f = federated.get(category)
         if f is not None:
             rows.append({"category": category, "method": "federated", **flat_metrics(f["metrics"]),
