@@ -103,7 +103,8 @@ def site_for(config: ExperimentConfig, factory_id: int) -> Site:
     sites: dict[int, Site] = _CACHE["sites"]
     if factory_id not in sites:
         plan = _CACHE["plan"]
-        sites[factory_id] = Site(config, plan.shard(factory_id), plan.shifts, model=_CACHE["model"])
+        sites[factory_id] = Site(config, plan.shard(factory_id), plan.shifts, model=_CACHE["model"],
+                                  root=plan.root)
         _CACHE["model"] = sites[factory_id].model
     return sites[factory_id]
 

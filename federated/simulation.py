@@ -171,7 +171,9 @@ def run_federation(config_path: str | Path, overrides: dict[str, Any], run_dir: 
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = saved_pythonpath
-    return _read_report(report_path)
+    report = _read_report(report_path)
+    report["ray_processes"] = sorted(watch.seen)  # every process this run started (all gone now)
+    return report
 
 
 class _DropDeprecationNotice(logging.Filter):

@@ -10,7 +10,8 @@ outputs are the only things that leave the factory: `local_payloads` gives cores
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,8 @@ import torch
 from federated.config import ExperimentConfig
 from federated.partition import FactoryShard
 from federated.payload import Payload, encode
-from patchcore.data import ImageDataset, ImageRecord, PairTransform, make_loader
-from patchcore.data.sources import model_preprocess
-from patchcore.metrics import evaluate as evaluate_metrics
+from patchcore.data import ImageRecord, PairTransform
+from patchcore.evaluation import evaluate_scored, loader_for, score_records
 from patchcore.model import PatchCore
 
 
@@ -38,10 +38,11 @@ class Site:
     def __init__(self, config: ExperimentConfig, shard: FactoryShard,
                  shifts: Mapping[str, PairTransform] | None = None,
                  device: str | torch.device | None = None,
-                 model: PatchCore | None = None) -> None:
+                 model: PatchCore | None = None, root: Path | None = None) -> None:
         start = time.perf_counter()
         self.config = config
         self.shard = shard
+        self.root = root  # the dataset folder: AutoVI's evaluation reads defects_config.json there
         self.shifts = dict(shifts or {})
         self.model = model or PatchCore(config.model, device=device or config.device,
                                         seed=config.seed)
@@ -50,11 +51,6 @@ class Site:
     @property
     def factory_id(self) -> int:
         return self.shard.factory_id
-
-    def _loader(self, records: Sequence[ImageRecord]):
-        """Records -> batches, each image shifted by its factory's camera before preprocessing."""
-        dataset = ImageDataset(list(records), model_preprocess(self.config.data), self.shifts)
-        return make_loader(dataset, self.config.data.batch_size, self.config.data.num_workers)
 
     def _records(self, split: str, category: str) -> list[ImageRecord]:
         return [r for r in getattr(self.shard, split) if r.category == category]
@@ -72,7 +68,7 @@ class Site:
         for category in self.shard.categories():
             train = self._records("train", category)
             t0 = time.perf_counter()
-            features = self.model.extract(self._loader(train), progress,
+            features = self.model.extract(loader_for(train, self.config, self.shifts), progress,
                                           desc=f"{self.shard.name} {category}")  # (N·L, D)
             t1 = time.perf_counter()
             coreset = self.model.subsample(features, f.local_ratio, progress)  # (n, D)
@@ -96,20 +92,10 @@ class Site:
                 continue
             features = torch.as_tensor(np.asarray(bank), dtype=torch.float32)  # (M, D)
             self.model.set_bank(features, {"category": category})
-            out[category] = scalar_metrics(self._score(test))
+            scored = score_records(self.model, test, self.config, self.shifts, progress=False)
+            if self.config.data.evaluate_at_original and self.root is not None:
+                metrics = evaluate_scored(scored, self.config, self.root, category)
+            else:
+                metrics = scored.metrics()
+            out[category] = scalar_metrics(metrics)
         return out
-
-    def _score(self, records: Sequence[ImageRecord]) -> dict[str, Any]:
-        """Metrics of one test set at the crop's resolution (pixel maps vs shifted masks)."""
-        scores, maps, masks, has_mask = [], [], [], []
-        for batch in self._loader(records):
-            s, m = self.model.score_batch(batch["image"])  # (B,), (B, H, W)
-            scores.append(s.cpu().numpy())
-            maps.append(m.cpu().numpy().astype(np.float32))
-            masks.append(batch["mask"][:, 0].numpy() > 0.5)  # (B, H, W) bool
-            has_mask.append(batch["has_mask"].numpy())
-        labels = np.array([r.label for r in records], dtype=np.int64)  # (N,)
-        return evaluate_metrics(labels, np.concatenate(scores), masks=np.concatenate(masks),
-                                maps=np.concatenate(maps), defects=[r.defect for r in records],
-                                has_mask=np.concatenate(has_mask))
-

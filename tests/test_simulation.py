@@ -387,7 +387,3 @@ def test_failed_and_silent_nodes_are_recorded_not_raised(site_setup, monkeypatch
     assert report["failed"] == [{"node_id": 2, "phase": "train", "reason": "Message: boom"}]
     assert [m["node_id"] for m in report["missing"]] == [3]
     assert report["factories"]["factory-0"]["seconds"] == {"extract_s": 1.0}
-
-
-def test_simulation_time_budget(federation):
-    assert federation["seconds"] < 120, federation["seconds"]

@@ -1,0 +1,89 @@
+"""Scoring a list of records in one pass, and its metrics: shared by the command line, the
+comparison runs and the federation's clients (which report metrics on their own test images).
+
+`score_records` keeps image scores, pixel maps and ground-truth masks side by side;
+`evaluate_scored` computes the metrics at the crop or, with data.evaluate_at_original, at each
+image's original size (AutoVI's evaluation, with AUC-sPRO@0.05 from defects_config.json).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from patchcore.config import Config
+from patchcore.data import ImageDataset, ImageRecord, PairTransform, image_size, make_loader, read_region, union_mask
+from patchcore.data.autovi import load_defects_config
+from patchcore.data.sources import model_preprocess
+from patchcore.errors import DataError
+from patchcore.metrics import auc_spro, evaluate, spro_region
+from patchcore.model import PatchCore
+
+
+@dataclass
+class ScoredSet:
+    """Scores of a list of records, in record order."""
+
+    records: list[ImageRecord]
+    scores: np.ndarray  # (N,)
+    maps: np.ndarray  # (N, h, w) float32
+    masks: np.ndarray  # (N, h, w) bool
+    has_mask: np.ndarray  # (N,) bool
+    labels: np.ndarray = field(init=False)  # (N,)
+
+    def __post_init__(self) -> None:
+        self.labels = np.array([r.label for r in self.records], dtype=np.int64)
+
+    def metrics(self) -> dict[str, Any]:
+        return evaluate(self.labels, self.scores, masks=self.masks, maps=self.maps,
+                        defects=[r.defect for r in self.records], has_mask=self.has_mask)
+
+
+def evaluate_scored(scored: ScoredSet, config: Config, root: Path, category: str) -> dict[str, Any]:
+    """The metrics of a scored set, at the crop or (data.evaluate_at_original) at full size."""
+    if not config.data.evaluate_at_original:
+        return scored.metrics()
+    preprocess = model_preprocess(config.data)
+    specs = load_defects_config(root, category) if config.data.format == "autovi" else None
+    maps, masks, regions = [], [], []
+    for record, amap in zip(scored.records, scored.maps):
+        width, height = image_size(record.path)
+        maps.append(preprocess.invert_to_original(torch.from_numpy(amap), (height, width)).numpy())
+        masks.append(np.asarray(union_mask(record.mask_paths, (width, height), image=record.path)) > 0
+                     if record.mask_paths else np.zeros((height, width), bool))
+        if specs is not None:
+            regions.append([spro_region(*read_region(p, specs, (width, height))) for p in record.mask_paths])
+    if len({m.shape for m in maps}) > 1:
+        raise DataError(f"images of category {category} differ in size; evaluate_at_original needs one size")
+    full = ScoredSet(scored.records, scored.scores, np.stack(maps), np.stack(masks), scored.has_mask)
+    metrics = full.metrics()
+    if specs is not None:
+        keep = [i for i, r in enumerate(scored.records) if r.label == 0 or r.mask_paths]
+        metrics["auc_spro_0.05"] = auc_spro([regions[i] for i in keep], [maps[i] for i in keep], fpr_limit=0.05)
+    metrics["resolution"] = "original"
+    return metrics
+
+
+def loader_for(records: Sequence[ImageRecord], config: Config, shifts: Mapping[str, PairTransform] | None = None):
+    dataset = ImageDataset(list(records), model_preprocess(config.data), shifts)
+    return make_loader(dataset, config.data.batch_size, config.data.num_workers)
+
+
+def score_records(model: PatchCore, records: Sequence[ImageRecord], config: Config,
+                  shifts: Mapping[str, PairTransform] | None = None, progress: bool = True,
+                  desc: str = "score") -> ScoredSet:
+    """One pass over `records`: image scores, pixel maps and masks."""
+    scores, maps, masks, has_mask = [], [], [], []
+    for batch in tqdm(loader_for(records, config, shifts), desc=desc, disable=not progress):
+        s, m = model.score_batch(batch["image"])
+        scores.append(s.cpu().numpy())
+        maps.append(m.cpu().numpy().astype(np.float32))
+        masks.append(batch["mask"][:, 0].numpy() > 0.5)
+        has_mask.append(batch["has_mask"].numpy())
+    return ScoredSet(list(records), np.concatenate(scores), np.concatenate(maps),
+                     np.concatenate(masks), np.concatenate(has_mask))
