@@ -140,3 +140,69 @@ def test_console_script_exit_code_and_stderr(tmp_path):
     result = subprocess.run([str(exe), "fit", "--config", str(write_config(tmp_path, cfg))], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: unknown backbone 'nope'")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _break_missing_mask(cat: Path) -> Path:
+    target = cat / "ground_truth" / "crack" / "001_mask.png"
+    target.unlink()
+    return cat / "test" / "crack" / "001.png"  # the image whose mask is missing
+
+
+def _break_mask_size(cat: Path) -> Path:
+    from tests.test_data_loaders import save_png
+
+    return save_png(cat / "ground_truth" / "dent" / "000_mask.png", size=(20, 20), value=0, mode="L")
+
+
+def _break_layout(cat: Path) -> Path:
+    import shutil
+
+    shutil.rmtree(cat / "train")
+    return cat / "train" / "good"
+
+
+def _break_empty(cat: Path) -> Path:
+    for f in (cat / "train" / "good").iterdir():
+        f.unlink()
+    return cat / "train" / "good"
+
+
+def _break_corrupt(cat: Path) -> Path:
+    bad = cat / "test" / "good" / "000.png"
+    bad.write_bytes(b"this is not a png")
+    return bad
+
+
+@pytest.mark.parametrize("breaker", [_break_missing_mask, _break_layout, _break_empty])
+def test_bad_dataset_is_one_line_naming_the_file_and_writes_nothing(tmp_path, capsys, breaker):
+    from tests.test_data_loaders import make_mvtec_tree
+
+    root = make_mvtec_tree(tmp_path / "mv")
+    named = breaker(root / "widget")
+    cfg = {**TINY, "data": {**TINY["data"], "format": "mvtec", "root": str(root), "resize": 32, "crop": 32}}
+    code, _, err = run_cli(["fit", "--config", write_config(tmp_path, cfg), "--quiet"], capsys)
+    assert str(named) in _one_line_error(code, err)
+    results = tmp_path / "results"
+    assert not results.exists() or not any(results.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("breaker", [_break_mask_size, _break_corrupt])
+def test_bad_test_image_fails_evaluate_in_one_line_and_keeps_the_bank(tmp_path, capsys, breaker):
+    """Test images are read by `evaluate`, not `fit`: the error comes there, the bank survives."""
+    from tests.test_data_loaders import make_mvtec_tree
+
+    root = make_mvtec_tree(tmp_path / "mv")
+    cfg = {**TINY, "data": {**TINY["data"], "format": "mvtec", "root": str(root), "resize": 32, "crop": 32}}
+    config = write_config(tmp_path, cfg)
+    assert run_cli(["fit", "--config", config, "--quiet", "--out", tmp_path / "run"], capsys)[0] == 0
+    bank = (tmp_path / "run" / "banks" / "widget.safetensors").read_bytes()
+    named = breaker(root / "widget")
+    code, _, err = run_cli(["evaluate", "--run", tmp_path / "run", "--quiet"], capsys)
+    assert str(named) in _one_line_error(code, err)
+    assert (tmp_path / "run" / "banks" / "widget.safetensors").read_bytes() == bank
+
+
+def test_missing_data_root_via_flag_is_one_line(tmp_path, capsys):
+    cfg = {**TINY, "data": {**TINY["data"], "format": "mvtec", "root": str(tmp_path)}}
+    code, _, err = run_cli(["fit", "--config", write_config(tmp_path, cfg), "--data-root", tmp_path / "gone"], capsys)
+    assert str(tmp_path / "gone") in _one_line_error(code, err)
