@@ -112,7 +112,9 @@ def result_rows(plan: Any, central: dict, federated: dict, local: dict) -> list[
                          "bank_size": f["bank_size"], "coverage_radius": f["coverage_radius"]})
         per_factory = local.get(category, {})
         if per_factory:
-            values = {k: [m[k] for m in per_factory.values()] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")}
+            keys = [k for k in ("image_auroc", "pixel_auroc", "aupro", "auc_spro_0.05", "f1_max")
+                    if all(k in m for m in per_factory.values())]
+            values = {k: [m[k] for m in per_factory.values()] for k in keys}
             rows.append({"category": category, "method": f"local (mean of {len(per_factory)})",
                          **{k: float(np.nanmean(v)) for k, v in values.items()},
                          "bank_size": int(round(np.mean([m["bank_size"] for m in per_factory.values()]))),

@@ -32,7 +32,9 @@ def write_report(path: Path, config: Any, plan: Any, rows: list[dict[str, Any]],
         "All methods are scored on the same test images (the union of the factories' test sets); "
         "local-only models are scored on their own factory's test images and averaged.\n",
         "## Detection quality\n",
-        _table(rows, ("category", "method", "image_auroc", "pixel_auroc", "aupro", "f1_max", "bank_size", "coverage_radius")),
+        _table(rows, ("category", "method", "image_auroc", "pixel_auroc", "aupro",
+                      *(("auc_spro_0.05",) if any("auc_spro_0.05" in r for r in rows) else ()),
+                      "f1_max", "bank_size", "coverage_radius")),
         "\nCoverage radius: the largest distance from any training patch of the union to its nearest bank "
         "feature (lower is better; what greedy k-center minimises).\n",
     ]

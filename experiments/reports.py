@@ -19,8 +19,11 @@ METRIC_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 
 def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The headline numbers of an `evaluate` dict."""
-    return {k: metrics.get(k, float("nan")) for k in METRIC_COLUMNS}
+    """The headline numbers of an `evaluate` dict (AUC-sPRO too, when it was measured)."""
+    out = {k: metrics.get(k, float("nan")) for k in METRIC_COLUMNS}
+    if "auc_spro_0.05" in metrics:
+        out["auc_spro_0.05"] = metrics["auc_spro_0.05"]
+    return out
 
 
 def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
