@@ -26,7 +26,7 @@ from experiments.runs import Manifest, new_run_dir, write_config, write_json
 from experiments.scoring import evaluate_scored, fit_category, score_records
 from federated.config import ExperimentConfig
 from federated.plan import plan_factories
-from federated.simulation import run_federation
+from experiments.simulation import run_federation
 from patchcore.config import load_config
 from patchcore.coreset import coverage_radius
 from patchcore.memory_bank import MemoryBank

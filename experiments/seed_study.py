@@ -25,7 +25,7 @@ from experiments.reports import write_table
 from experiments.runs import Manifest, new_run_dir, write_json
 from federated.config import ExperimentConfig
 from federated.plan import plan_factories
-from federated.simulation import run_federation
+from experiments.simulation import run_federation
 from patchcore.config import load_config
 from patchcore.errors import FedpatchError
 

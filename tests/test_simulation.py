@@ -18,7 +18,7 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message,
                       Metadata, MetricRecord, RecordDict)
 from flwr.supercore.task_identity import TaskIdentity
 
-import federated.simulation as simulation
+import experiments.simulation as simulation
 from clients.app import (BANKS, FEATURES, PAYLOAD, SITE, TIMINGS, build_client_app,
                          pack_payloads, unpack_payloads)
 from federated.config import ExperimentConfig
