@@ -66,7 +66,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from experiments.reports import METRIC_COLUMNS, format_table, write_evaluation
+    from experiments.reports import METRIC_COLUMNS, flat_metrics, format_table, write_evaluation
     from experiments.runs import Manifest, new_run_dir
     from experiments.scoring import evaluate_scored, score_records
     from federated.config import ExperimentConfig
@@ -100,8 +100,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         results[category] = (scored, metrics, float(threshold))
     summary = write_evaluation(out, results, config, overlays=args.overlays)
     manifest.write(status="complete", banks={c: str(bank_dir / f"{c}.safetensors") for c in banks})
-    rows = [{"category": c, **{k: v.get(k) for k in METRIC_COLUMNS}} for c, v in summary.items()]
-    print(format_table(rows, ("category", *METRIC_COLUMNS)))
+    rows = [{"category": c, **flat_metrics(v)} for c, v in summary.items()]
+    columns = ("category", *METRIC_COLUMNS, *(("auc_spro_0.05",) if any("auc_spro_0.05" in r for r in rows) else ()))
+    print(format_table(rows, columns))
     print(f"evaluation folder: {out}")
     return 0
 
