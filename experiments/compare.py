@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from experiments import plots
 from experiments.reports import flat_metrics, format_table, write_table

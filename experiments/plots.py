@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import auc, roc_curve  # noqa: E402
 
 
 def _save(fig: "plt.Figure", path: Path) -> Path:
@@ -27,8 +27,6 @@ def roc_plot(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, ti
         if len(set(labels.tolist())) < 2:
             continue
         fpr, tpr, _ = roc_curve(labels, scores)
-        from sklearn.metrics import auc
-
         ax.plot(fpr, tpr, label=f"{name} (AUROC {auc(fpr, tpr):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
