@@ -40,6 +40,15 @@ class CoresetConfig:
 
 
 @dataclass(frozen=True)
+class TransformConfig:
+    """Maps applied to every patch embedding (patchcore/transform.py); off by default."""
+
+    projection_dim: int | None = None  # shared Gaussian random projection to this many dims
+    projection_seed: int = 0
+    clip_norm: float | None = None  # per-vector L2 clipping (differential privacy needs it)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     patch_size: int = 3
@@ -52,6 +61,7 @@ class ModelConfig:
     score_distance: str = "squared_l2"  # "squared_l2" | "l2"
     smoothing_sigma: float = 4.0
     nn_backend: str = "torch"  # "torch" | "faiss"
+    transform: TransformConfig = field(default_factory=TransformConfig)
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,9 @@ class Config:
             (self.model.patch_size >= 1 and self.model.patch_size % 2 == 1, "model.patch_size", "must be odd and >= 1"),
             (self.model.num_neighbours >= 1, "model.num_neighbours", "must be >= 1"),
             (self.model.smoothing_sigma >= 0, "model.smoothing_sigma", "must be >= 0"),
+            (self.model.transform.projection_dim is None or 1 <= self.model.transform.projection_dim <= self.model.target_embed_dim,
+             "model.transform.projection_dim", "must be in [1, model.target_embed_dim]"),
+            (self.model.transform.clip_norm is None or self.model.transform.clip_norm > 0, "model.transform.clip_norm", "must be > 0"),
             (self.data.format in DATA_FORMATS, "data.format", f"must be one of {', '.join(DATA_FORMATS)}"),
             (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
             (self.threshold.method in ("f1", "quantile"), "threshold.method", "must be f1 or quantile"),

@@ -34,6 +34,7 @@ class ScoredSet:
     maps: np.ndarray  # (N, h, w) float32
     masks: np.ndarray  # (N, h, w) bool
     has_mask: np.ndarray  # (N,) bool
+    patches: np.ndarray | None = None  # (N, h', w') float32 patch-score grids, before upsampling
     labels: np.ndarray = field(init=False)  # (N,)
 
     def __post_init__(self) -> None:
@@ -77,13 +78,16 @@ def loader_for(records: Sequence[ImageRecord], config: Config, shifts: Mapping[s
 def score_records(model: PatchCore, records: Sequence[ImageRecord], config: Config,
                   shifts: Mapping[str, PairTransform] | None = None, progress: bool = True,
                   desc: str = "score") -> ScoredSet:
-    """One pass over `records`: image scores, pixel maps and masks."""
-    scores, maps, masks, has_mask = [], [], [], []
+    """One pass over `records`: image scores, pixel maps, masks and the patch-score grids."""
+    scores, maps, masks, has_mask, patches = [], [], [], [], []
     for batch in tqdm(loader_for(records, config, shifts), desc=desc, disable=not progress):
-        s, m = model.score_batch(batch["image"])
+        with torch.inference_mode():
+            p = model.patch_scores(batch["image"])  # (B, h', w')
+            s, m = model.scores_from_patches(p, tuple(batch["image"].shape[-2:]))
+        patches.append(p.cpu().numpy().astype(np.float32))
         scores.append(s.cpu().numpy())
         maps.append(m.cpu().numpy().astype(np.float32))
         masks.append(batch["mask"][:, 0].numpy() > 0.5)
         has_mask.append(batch["has_mask"].numpy())
     return ScoredSet(list(records), np.concatenate(scores), np.concatenate(maps),
-                     np.concatenate(masks), np.concatenate(has_mask))
+                     np.concatenate(masks), np.concatenate(has_mask), np.concatenate(patches))

@@ -21,6 +21,7 @@ from patchcore.coreset import coreset_size, greedy_coreset
 from patchcore.errors import BankFormatError, ConfigError
 from patchcore.features import embed
 from patchcore.memory_bank import MemoryBank
+from patchcore.transform import FeatureTransform
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -36,10 +37,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def feature_transform(config: ModelConfig) -> FeatureTransform:
+    """The projection/clipping applied after the patch embedding (identity by default)."""
+    t = config.transform
+    return FeatureTransform(config.target_embed_dim, t.projection_dim, t.projection_seed, t.clip_norm)
+
+
 def backbone_id(config: ModelConfig) -> str:
-    """Identifies the feature space: banks and payloads are only comparable within one id."""
+    """Identifies the feature space: banks and payloads are only comparable within one id
+    (backbone, layers, patch size, embedding size, and any projection or clipping)."""
     bb = config.backbone
-    return f"{bb.name}:{'+'.join(bb.layers)}:p{config.patch_size}:d{config.target_embed_dim}"
+    base = f"{bb.name}:{'+'.join(bb.layers)}:p{config.patch_size}:d{config.target_embed_dim}"
+    tag = feature_transform(config).tag()
+    return f"{base}:{tag}" if tag else base
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -55,6 +65,7 @@ class PatchCore:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         bb = config.backbone
         self.extractor = FeatureExtractor(bb.name, bb.layers, bb.weights, seed=seed).to(self.device)
+        self.transform = feature_transform(config)
         self.bank: MemoryBank | None = None
 
     @property
@@ -63,10 +74,15 @@ class PatchCore:
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """images (B, 3, H, W) in [0, 1] -> patch embeddings (B, h·w, D) and the grid (h, w)."""
+        """images (B, 3, H, W) in [0, 1] -> patch embeddings (B, h·w, D) and the grid (h, w);
+        D is target_embed_dim, or the projection's size when model.transform projects."""
         maps = self.extractor(images.to(self.device, non_blocking=True))
         c = self.config
-        return embed(list(maps.values()), c.patch_size, c.pretrain_embed_dim, c.target_embed_dim)
+        emb, grid = embed(list(maps.values()), c.patch_size, c.pretrain_embed_dim, c.target_embed_dim)
+        if not self.transform.identity:
+            b, n, d = emb.shape
+            emb = self.transform(emb.reshape(b * n, d)).reshape(b, n, -1)
+        return emb, grid
 
     def extract(self, loader: Iterable[Any], progress: bool = True, desc: str = "extract") -> torch.Tensor:
         """All patch embeddings of a loader's images, (N·h·w, D) float32 on the device."""
@@ -98,18 +114,27 @@ class PatchCore:
         return self.bank
 
     @torch.inference_mode()
-    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, H, W) -> image scores (B,) and pixel maps (B, H, W), on the device."""
+    def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> the patch-score grid (B, h, w): each patch's distance to the bank.
+
+        The grid is what the image score and the pixel map are made from; callers that want to
+        point at the most anomalous patch (or redraw a map later) keep it instead of the map."""
         if self.bank is None:
             raise ConfigError("the model has no memory bank: fit it or load one first")
         emb, grid = self.embed(images)  # (B, L, D)
         b, n, d = emb.shape
         dist, _ = self.bank.nearest(emb.reshape(b * n, d), k=self.config.num_neighbours)  # squared
         patch = dist.mean(dim=1) if self.config.score_distance == "squared_l2" else dist.sqrt().mean(dim=1)
-        patch = patch.reshape(b, *grid)  # (B, h, w)
-        image_scores = patch.flatten(1).max(dim=1).values  # (B,)
-        maps = to_pixel_maps(patch, tuple(images.shape[-2:]), self.config.smoothing_sigma)
-        return image_scores, maps
+        return patch.reshape(b, *grid)  # (B, h, w)
+
+    def scores_from_patches(self, patch: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """patch grid (B, h, w) -> image scores (B,) (max patch) and pixel maps (B, H, W) at `size`."""
+        return patch.flatten(1).max(dim=1).values, to_pixel_maps(patch, size, self.config.smoothing_sigma)
+
+    @torch.inference_mode()
+    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) -> image scores (B,) and pixel maps (B, H, W), on the device."""
+        return self.scores_from_patches(self.patch_scores(images), tuple(images.shape[-2:]))
 
     def predict(self, loader: Iterable[Any], progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (N,) and maps (N, H, W), on the CPU, for every image of a loader."""
@@ -128,8 +153,9 @@ class PatchCore:
                 raise BankFormatError("the memory bank carries no model config; pass one explicitly")
             config = build(ModelConfig, bank.metadata["model"], "model")
         model = cls(config, device=device, seed=int(bank.metadata.get("seed", 0)))
-        if bank.dim != config.target_embed_dim:
-            raise BankFormatError(f"bank features have {bank.dim} dims; model.target_embed_dim is {config.target_embed_dim}")
+        if bank.dim != model.transform.out_dim:
+            raise BankFormatError(f"bank features have {bank.dim} dims; the model's embeddings have "
+                                  f"{model.transform.out_dim} (model.target_embed_dim / model.transform.projection_dim)")
         model.bank = bank.to(model.device)
         model.bank.nn_backend = config.nn_backend
         return model
