@@ -92,7 +92,7 @@ def aggregate(payloads: list[Payload], *, method: str = "coreset_of_coresets",
     sizes = [p.num_vectors for p in ordered]
     budget = coreset_size(sum(p.num_patches for p in ordered), global_ratio)
     shares = budget_shares(budget, [p.num_patches for p in ordered], sizes)
-    union = torch.cat([torch.from_numpy(p.features.astype(np.float32)) for p in ordered])  # (U, D)
+    union = torch.cat([torch.from_numpy(p.decoded()) for p in ordered])  # (U, D)
     source = np.repeat([p.factory_id for p in ordered], sizes).astype(np.int64)  # (U,)
     if method == "concat" or (method == "coreset_of_coresets" and len(union) <= budget):
         keep = torch.arange(len(union))

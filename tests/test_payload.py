@@ -49,8 +49,8 @@ def test_encode_accepts_numpy_and_rejects_bad_input() -> None:
     p = encode(np.ones((3, DIM)), num_patches=3, num_images=1, backbone_id=BACKBONE,
                factory_id=0, dtype="float32")
     assert p.features.dtype == np.float32
-    with pytest.raises(ConfigError, match="dtype 'int8'"):
-        make(dtype="int8")
+    with pytest.raises(ConfigError, match="dtype 'bfloat16' is unknown"):
+        make(dtype="bfloat16")
     with pytest.raises(PayloadError, match="2-D"):
         encode(np.ones(DIM), num_patches=1, num_images=1, backbone_id=BACKBONE, factory_id=0)
 
@@ -72,7 +72,13 @@ def test_equality_sees_the_features() -> None:
     (lambda p: dataclasses.replace(p, backbone_id="resnet18"), {},
      "backbone 'resnet18' does not match"),
     (lambda p: dataclasses.replace(p, features=p.features.astype(np.float64)), {},
-     "dtype float64 is not float16 or float32"),
+     "dtype float64 is not one of float16, float32, int8"),
+    (lambda p: dataclasses.replace(p, features=p.features.astype(np.int64)), {},
+     "dtype int64 is not one of"),
+    (lambda p: dataclasses.replace(p, features=np.zeros((12, DIM), np.int8)), {},
+     "int8 features need float32 scales of shape (12,), got none"),
+    (lambda p: dataclasses.replace(p, scales=np.ones(12, np.float32)), {},
+     "scales were sent with float16 features"),
     (lambda p: dataclasses.replace(p, features=np.zeros((0, DIM), np.float16)), {},
      "features are empty"),
     (lambda p: dataclasses.replace(p, num_patches=5), {},
@@ -114,3 +120,46 @@ def test_from_parts_missing_keys_and_newer_version() -> None:
     config = {**make().to_parts()[1], "num_patches": "many"}
     with pytest.raises(PayloadError, match="'num_patches' must be an integer"):
         Payload.from_parts(arrays, config)
+
+
+def test_int8_round_trip_error_and_size() -> None:
+    x = torch.randn(12, DIM, generator=torch.Generator().manual_seed(0)) * 3.0
+    x[4] = 0.0  # a zero row must survive (scale 1, codes 0)
+    p = encode(x, num_patches=400, num_images=4, backbone_id=BACKBONE, factory_id=3, dtype="int8")
+    assert p.features.dtype == np.int8 and p.scales.shape == (12,) and p.encoding == "int8"
+    assert p.nbytes == 12 * DIM + 12 * 4  # one byte a value + one float32 scale a vector
+    decoded = p.decoded()
+    peak = x.abs().max(dim=1).values.numpy()  # (12,)
+    error = np.abs(decoded - x.numpy()).max(axis=1)
+    assert np.all(error <= peak / 127 / 2 + 1e-6)  # rounding: at most half a step per value
+    assert np.all(decoded[4] == 0) and np.abs(p.features).max() == 127
+    q = Payload.from_parts(*p.to_parts())
+    assert q == p and np.array_equal(q.decoded(), decoded)
+    check(q)
+
+
+@pytest.mark.parametrize("scales, message", [
+    (np.ones(11, np.float32), "scales of shape (12,), got (11,)"),
+    (np.full(12, -1.0, np.float32), "int8 scales must be finite and > 0"),
+    (np.full(12, np.nan, np.float32), "int8 scales must be finite and > 0"),
+    (np.full(12, 3e38, np.float32), "non-finite values"),  # decodes to inf
+])
+def test_int8_bad_scales_rejected(scales: np.ndarray, message: str) -> None:
+    p = dataclasses.replace(make(dtype="int8"), scales=scales)
+    with pytest.raises(PayloadError) as err:
+        check(p)
+    assert message in str(err.value)
+
+
+def test_save_and_load_payload(tmp_path) -> None:
+    from federated.payload import load_payload, save_payload
+
+    for dtype in ("float16", "int8"):
+        p = make(dtype=dtype)
+        save_payload(p, tmp_path / dtype / "stripes", {"fingerprint": "abc"})
+        q, meta = load_payload(tmp_path / dtype / "stripes")
+        assert q == p and meta["fingerprint"] == "abc"
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(PayloadError, match="cannot read saved payload .*bad.safetensors"):
+        load_payload(tmp_path / "bad")
