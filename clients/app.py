@@ -4,7 +4,10 @@
 keyed by category, a ConfigRecord "payload" with each payload's scalars keyed
 "<category>.<field>", a ConfigRecord "site" (who answered) and a MetricRecord "timings".
 `evaluate` receives the global banks (ArrayRecord "banks", keyed by category) and answers with
-a MetricRecord "metrics" of numbers keyed "<category>.<metric>". Images never leave the site.
+a MetricRecord "metrics" of numbers keyed "<category>.<metric>". `query` answers "who are you"
+(ConfigRecord "site": factory id), so the server can name a factory that later fails or stays
+silent, and skip factories whose payloads it already holds (a resumed run). Int8 payloads carry
+their per-vector scales as a second array "<category>#scales". Images never leave the site.
 
 The app learns the experiment from the run config ("config", "overrides", "run-dir"): `flwr run`
 fills it from pyproject.toml, and `build_client_app(defaults)` bakes defaults in for
@@ -35,7 +38,8 @@ from patchcore.config import to_dict
 from patchcore.errors import ConfigError
 
 FEATURES, PAYLOAD, SITE, TIMINGS = "features", "payload", "site", "timings"
-BANKS, METRICS, ASSIGNMENT = "banks", "metrics", "assignment"
+BANKS, METRICS, ASSIGNMENT, RELEASE = "banks", "metrics", "assignment", "release"
+SCALES_SUFFIX = "#scales"
 
 _CACHE: dict[str, Any] = {"key": None, "plan": None, "model": None, "sites": {}}
 
@@ -45,7 +49,9 @@ def pack_payloads(payloads: Mapping[str, Payload]) -> tuple[ArrayRecord, ConfigR
     arrays, scalars = {}, {}
     for category, payload in payloads.items():
         parts, fields = payload.to_parts()
-        arrays[category] = Array(parts["features"])  # (n, D) float16/float32
+        arrays[category] = Array(parts["features"])  # (n, D) float32/float16/int8
+        if "scales" in parts:
+            arrays[category + SCALES_SUFFIX] = Array(parts["scales"])  # (n,) float32
         scalars.update({f"{category}.{k}": v for k, v in fields.items()})
     return ArrayRecord(arrays), ConfigRecord(scalars)
 
@@ -53,7 +59,8 @@ def pack_payloads(payloads: Mapping[str, Payload]) -> tuple[ArrayRecord, ConfigR
 def unpack_payloads(arrays: ArrayRecord,
                     scalars: ConfigRecord) -> tuple[dict[str, Payload], dict[str, str]]:
     """Inverse of `pack_payloads`: ({category: payload}, {category: why it is unreadable})."""
-    fields: dict[str, dict[str, Any]] = {category: {} for category in arrays}
+    fields: dict[str, dict[str, Any]] = {category: {} for category in arrays
+                                         if not category.endswith(SCALES_SUFFIX)}
     for key, value in scalars.items():
         category, _, field = key.rpartition(".")  # field names hold no dot; categories may
         fields.setdefault(category, {})[field] = value
@@ -61,6 +68,8 @@ def unpack_payloads(arrays: ArrayRecord,
     for category, config in fields.items():
         try:
             features = {"features": arrays[category].numpy()} if category in arrays else {}
+            if category + SCALES_SUFFIX in arrays:
+                features["scales"] = arrays[category + SCALES_SUFFIX].numpy()
             payloads[category] = Payload.from_parts(features, config)
         except (PayloadError, TypeError, ValueError) as exc:
             problems[category] = str(exc)
@@ -109,8 +118,16 @@ def site_for(config: ExperimentConfig, factory_id: int) -> Site:
     return sites[factory_id]
 
 
+def handle_query(message: Message, context: Context, defaults: Mapping[str, Any]) -> Message:
+    """Who this node is (its factory id); loads no backbone and reads no image."""
+    config, _ = experiment_config(_run_settings(context, defaults))
+    factory_id = factory_identity(context, message, config)
+    return Message(RecordDict({SITE: ConfigRecord({"factory-id": factory_id})}), reply_to=message)
+
+
 def handle_train(message: Message, context: Context, defaults: Mapping[str, Any]) -> Message:
-    """Local coresets of this factory's training images, per category."""
+    """Local coresets of this factory's training images, per category; an empty shard answers
+    with status "empty" and nothing to send."""
     start = time.perf_counter()
     config, _ = experiment_config(_run_settings(context, defaults))
     factory_id = factory_identity(context, message, config)
@@ -120,10 +137,14 @@ def handle_train(message: Message, context: Context, defaults: Mapping[str, Any]
     arrays, scalars = pack_payloads(payloads)
     timings = {"setup_s": setup_s, "backbone_load_s": site.load_s, **seconds,
                "total_s": time.perf_counter() - start}
+    release = {f"{c}.{k}": float(v) for c, stats in site.release_stats.items() for k, v in stats.items()}
+    status = "ok" if payloads else "empty"
     content = RecordDict({
         FEATURES: arrays, PAYLOAD: scalars,
-        SITE: ConfigRecord({"factory-id": factory_id, "categories": sorted(payloads)}),
+        SITE: ConfigRecord({"factory-id": factory_id, "categories": sorted(payloads),
+                            "status": status, "train-images": len(site.shard.train)}),
         TIMINGS: MetricRecord({k: float(v) for k, v in timings.items()}),
+        RELEASE: MetricRecord(release),
     })
     return Message(content, reply_to=message)
 
@@ -150,6 +171,10 @@ def build_client_app(defaults: Mapping[str, Any] | None = None,
     are Flower mods around every handler (tests use one to record outgoing messages)."""
     baked = dict(defaults or {})
     client = ClientApp(mods=mods)
+
+    @client.query()
+    def query(message: Message, context: Context) -> Message:
+        return handle_query(message, context, baked)
 
     @client.train()
     def train(message: Message, context: Context) -> Message:

@@ -80,6 +80,16 @@ def write_config(run_dir: Path, config: Any) -> Path:
     return path
 
 
+def privacy_summary(config: Any) -> dict[str, Any]:
+    """ε, δ, σ (and what they cover) of what this run's factories release; every manifest has it."""
+    spec = config.privacy_spec() if hasattr(config, "privacy_spec") else None
+    clip = getattr(getattr(getattr(config, "model", None), "transform", None), "clip_norm", None)
+    if spec is None:
+        return {"epsilon": None, "delta": None, "sigma": 0.0, "clip_norm": clip,
+                "note": "differential privacy off: released vectors carry no noise"}
+    return spec.to_dict()
+
+
 class Manifest:
     """Collects what a run did; `write()` may be called repeatedly (atomic each time)."""
 
@@ -95,6 +105,7 @@ class Manifest:
             "versions": versions(),
             "git": git_commit(),
             "platform": platform.platform(),
+            "privacy": privacy_summary(config),
             "timings_s": {},
         }
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from clients.app import build_client_app
 from federated.config import ExperimentConfig
+from federated.server_logic import load_received
 from patchcore.config import load_config
 from patchcore.errors import FedpatchError
 from server.app import build_server_app
@@ -47,11 +48,15 @@ def backend_config(config: ExperimentConfig) -> dict[str, Any]:
     return backend
 
 
-def run_config(config_path: str | Path, overrides: dict[str, Any], run_dir: str | Path) -> dict[str, str]:
+def run_config(config_path: str | Path, overrides: dict[str, Any], run_dir: str | Path,
+               resume_from: str | Path | None = None) -> dict[str, str]:
     """The run config both apps read, with absolute paths (Ray workers may start elsewhere)."""
-    return {"config": str(Path(config_path).expanduser().resolve()),
-            "overrides": json.dumps(overrides or {}, sort_keys=True),
-            "run-dir": str(Path(run_dir).expanduser().resolve())}
+    settings = {"config": str(Path(config_path).expanduser().resolve()),
+                "overrides": json.dumps(overrides or {}, sort_keys=True),
+                "run-dir": str(Path(run_dir).expanduser().resolve())}
+    if resume_from:
+        settings["resume-from"] = str(Path(resume_from).expanduser().resolve())
+    return settings
 
 
 def shutdown_ray() -> None:
@@ -136,13 +141,17 @@ class ProcessWatch:
 
 
 def run_federation(config_path: str | Path, overrides: dict[str, Any], run_dir: str | Path,
-                   verbose: bool = False) -> dict[str, Any]:
+                   verbose: bool = False, resume_from: str | Path | None = None) -> dict[str, Any]:
     """Run one federation (train round, aggregation, evaluate round) and return the parsed
-    run_dir/federated/federation.json; the global banks are in run_dir/federated/banks/."""
+    run_dir/federated/federation.json; the global banks are in run_dir/federated/banks/.
+    `resume_from`: an earlier run folder whose saved payloads are reused (those factories are
+    not asked to train again)."""
     from flwr.simulation import run_simulation
 
     config = load_config(config_path, ExperimentConfig, overrides)  # fail before Ray starts
-    settings = run_config(config_path, overrides, run_dir)
+    if resume_from:
+        load_received(resume_from, config)  # nothing to resume, or other settings: fail now
+    settings = run_config(config_path, overrides, run_dir, resume_from)
     report_path = Path(settings["run-dir"]) / "federated" / "federation.json"
     report_path.unlink(missing_ok=True)  # never return a previous run's report
     saved_pythonpath = os.environ.get("PYTHONPATH")
@@ -161,6 +170,10 @@ def run_federation(config_path: str | Path, overrides: dict[str, Any], run_dir: 
     except SystemExit as exc:  # Flower exits the process on some setup errors
         raise FederationError(f"the Flower simulation stopped (exit code {exc.code}); "
                               f"run with verbose=True for Flower's log") from None
+    except Exception:
+        if report_path.is_file():  # the ServerApp failed and said why in its report
+            _read_report(report_path)
+        raise
     finally:
         logging.getLogger("flwr").removeFilter(quiet)
         shutdown_ray()

@@ -12,7 +12,19 @@ from patchcore.config import Config
 from patchcore.errors import ConfigError
 
 from federated.aggregation import METHODS as AGGREGATIONS
+from federated.faults import parse_faults
 from federated.partition import SCHEMES
+from federated.robust import MODES as POISON_MODES
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy on the vectors a factory sends (federated/privacy.py). Off while
+    epsilon is null; on, it needs model.transform.clip_norm (the same clipping then also applies
+    to the centralized baseline, so comparisons stay fair)."""
+
+    epsilon: float | None = None  # null: no noise
+    delta: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -26,7 +38,16 @@ class FederationConfig:
     local_ratio: float = 0.1  # each factory's coreset, as a fraction of its patches
     global_ratio: float = 0.1  # the global bank, as a fraction of all factories' patches
     aggregation: str = "coreset_of_coresets"  # coreset_of_coresets | concat | random
-    payload_dtype: str = "float16"  # float16 | float32
+    payload_dtype: str = "float16"  # float32 | float16 | int8 (per-vector scale)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    min_clients: int = 1  # fewer factories with valid payloads: the round fails, no bank
+    max_vectors: int | None = None  # per payload; null: the local coreset size of its patches
+    max_bytes: int | None = None  # per payload (features + scales as sent); null: no cap
+    poison_mode: str = "flag"  # off | flag (report only) | exclude | filter (drop outlying vectors)
+    poison_quantile: float = 0.99  # statistic: this quantile of leave-one-out NN distances (robust.py)
+    poison_threshold: float = 3.5  # flag a factory whose robust z-score exceeds this
+    faults: tuple[str, ...] = ()  # injected faults "K:kind" (federated/faults.py)
+    hang_s: float = 600.0  # how long a `hang` fault sleeps
     client_cpus: float = 1.0  # Ray resources per client actor
     client_gpus: float = 0.0
     ray_address: str = ""  # empty: a local Ray instance (or RAY_ADDRESS)
@@ -49,10 +70,32 @@ class ExperimentConfig(Config):
             (0.0 < f.local_ratio <= 1.0, "federation.local_ratio", "must be in (0, 1]"),
             (0.0 < f.global_ratio <= 1.0, "federation.global_ratio", "must be in (0, 1]"),
             (f.aggregation in AGGREGATIONS, "federation.aggregation", f"must be one of {', '.join(AGGREGATIONS)}"),
-            (f.payload_dtype in ("float16", "float32"), "federation.payload_dtype", "must be float16 or float32"),
+            (f.payload_dtype in ("float32", "float16", "int8"), "federation.payload_dtype", "must be float32, float16 or int8"),
+            (f.min_clients >= 1, "federation.min_clients", "must be >= 1"),
+            (f.min_clients <= f.num_factories, "federation.min_clients", "must be <= federation.num_factories"),
+            (f.max_vectors is None or f.max_vectors >= 1, "federation.max_vectors", "must be >= 1"),
+            (f.max_bytes is None or f.max_bytes >= 1, "federation.max_bytes", "must be >= 1"),
+            (f.poison_mode in POISON_MODES, "federation.poison_mode", f"must be one of {', '.join(POISON_MODES)}"),
+            (0.0 < f.poison_quantile <= 1.0, "federation.poison_quantile", "must be in (0, 1]"),
+            (f.poison_threshold > 0, "federation.poison_threshold", "must be > 0"),
+            (f.hang_s >= 0, "federation.hang_s", "must be >= 0"),
+            (f.privacy.epsilon is None or f.privacy.epsilon > 0, "federation.privacy.epsilon", "must be > 0 (null: off)"),
+            (0.0 < f.privacy.delta < 1.0, "federation.privacy.delta", "must be in (0, 1)"),
+            (f.privacy.epsilon is None or self.model.transform.clip_norm is not None, "federation.privacy.epsilon",
+             "needs model.transform.clip_norm (noise is calibrated to the clipped vectors)"),
             (f.client_cpus > 0 and f.client_gpus >= 0, "federation.client_cpus", "must be > 0 (client_gpus >= 0)"),
             (f.node_timeout_s > 0 and f.round_timeout_s > 0, "federation.node_timeout_s", "timeouts must be > 0"),
         ]
         for ok, key, message in checks:
             if not ok:
                 raise ConfigError(f"{key} {message}")
+        parse_faults(f.faults, f.num_factories)
+
+    def privacy_spec(self):  # -> federated.privacy.PrivacySpec | None
+        """The (ε, δ, σ) of what factories release; None when privacy is off."""
+        from federated.privacy import PrivacySpec
+
+        p = self.federation.privacy
+        if p.epsilon is None:
+            return None
+        return PrivacySpec.create(p.epsilon, p.delta, float(self.model.transform.clip_norm))

@@ -15,3 +15,7 @@ class PayloadError(FedpatchError):
 
 class PartitionError(FedpatchError):
     """Records cannot be split into factory shards as configured."""
+
+
+class QuorumError(FedpatchError):
+    """Fewer factories than federation.min_clients delivered valid payloads: no bank is built."""

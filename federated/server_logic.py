@@ -3,24 +3,35 @@
 A factory can be misconfigured (another backbone, another feature size), buggy (NaN features)
 or simply wrong about who it is; one such payload must not corrupt or stop the whole federation.
 `aggregate_all` therefore validates each payload on its own, drops the bad ones with a one-line
-reason that is logged and kept in `rejected`, and aggregates what is left. `save_global_banks`
+reason that is logged and kept in `rejected`, refuses to build anything when fewer than
+`federation.min_clients` factories are left (QuorumError), screens each category for poisoned
+factories (federated/robust.py; flagged, excluded or filtered per `federation.poison_mode`) and
+aggregates what is left. `save_global_banks`
 writes one bank per category with the provenance a reader needs (who contributed how much), and
 `write_federation_json` records what each factory uploaded against its raw features.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
 from federated.aggregation import AggregationResult, aggregate
 from federated.config import ExperimentConfig
-from federated.errors import PayloadError
+from federated.errors import PayloadError, QuorumError
 from federated.partition import factory_name
-from federated.payload import Payload, raw_feature_bytes, validate
+from federated.payload import (Payload, load_payload, payload_fingerprint, raw_feature_bytes,
+                               save_payload, validate)
+from federated.robust import detect_poisoned, mitigate
+from patchcore.config import to_dict
+from patchcore.errors import ConfigError
 from patchcore.coreset import coreset_size
 from patchcore.memory_bank import MemoryBank, atomic_write_bytes
 from patchcore.model import resolve_device
@@ -35,22 +46,31 @@ def _check(payload: Payload, factory_id: int, config: ExperimentConfig, expected
     if payload.factory_id != factory_id:
         raise PayloadError(f"payload claims factory-{payload.factory_id} but was sent by "
                            f"{factory_name(factory_id)}")
-    max_vectors = coreset_size(max(payload.num_patches, 0), config.federation.local_ratio)
+    f = config.federation
+    max_vectors = coreset_size(max(payload.num_patches, 0), f.local_ratio)
+    if f.max_vectors is not None:
+        max_vectors = min(max_vectors, f.max_vectors)
     validate(payload, expected_dim=expected_dim, expected_backbone=backbone_id,
-             max_vectors=max_vectors)
+             max_vectors=max_vectors, max_bytes=f.max_bytes)
 
 
 def aggregate_all(payloads: Mapping[int, Mapping[str, Payload]], config: ExperimentConfig,
                   model_config_dict: Mapping[str, Any], backbone_id: str,
-                  rejected: list[dict[str, Any]] | None = None) -> dict[str, AggregationResult]:
+                  rejected: list[dict[str, Any]] | None = None,
+                  poisoning: dict[str, Any] | None = None) -> dict[str, AggregationResult]:
     """{category: global bank} from {factory id: {category: payload}}.
 
     Every payload is validated first; an invalid one is dropped, logged, and appended to
-    `rejected` (when given) as {"factory", "category", "reason"}. A category left without any
-    valid payload gets no bank (and is logged), rather than failing the other categories.
+    `rejected` (when given) as {"factory", "category", "reason"}. Fewer than
+    federation.min_clients factories with a valid payload: QuorumError, nothing built. Each
+    category is then screened for poisoners (`poisoning[category]` gets the detector's report
+    and what was dropped). A category left without any valid payload gets no bank (and is
+    logged), rather than failing the other categories.
     """
     rejected = rejected if rejected is not None else []
-    expected_dim = int(model_config_dict["target_embed_dim"])
+    poisoning = poisoning if poisoning is not None else {}
+    transform = model_config_dict.get("transform") or {}
+    expected_dim = int(transform.get("projection_dim") or model_config_dict["target_embed_dim"])
     valid: dict[str, list[Payload]] = {}
     for factory_id in sorted(payloads):
         for category, payload in sorted(payloads[factory_id].items()):
@@ -63,6 +83,13 @@ def aggregate_all(payloads: Mapping[int, Mapping[str, Payload]], config: Experim
                 continue
             valid.setdefault(category, []).append(payload)
     f, c = config.federation, config.model.coreset
+    contributors = {p.factory_id for accepted in valid.values() for p in accepted}
+    if len(contributors) < f.min_clients:
+        raise QuorumError(f"only {len(contributors)} of {f.num_factories} factories sent valid "
+                          f"payloads (federation.min_clients = {f.min_clients}): no global bank "
+                          f"written")
+    for category in sorted(valid):
+        valid[category], poisoning[category] = screen_poisoned(valid[category], config)
     device = resolve_device(config.device)
     results: dict[str, AggregationResult] = {}
     for category, accepted in sorted(valid.items()):
@@ -73,6 +100,102 @@ def aggregate_all(payloads: Mapping[int, Mapping[str, Payload]], config: Experim
     for category in sorted({c for p in payloads.values() for c in p} - set(results)):
         log.warning("category %s has no valid payload: no global bank", category)
     return results
+
+
+def screen_poisoned(accepted: list[Payload], config: ExperimentConfig) -> tuple[list[Payload], dict[str, Any]]:
+    """One category's payloads after the poisoned-factory screen, and what the screen saw.
+
+    Distances are compared within the category (non-IID splits would make honest factories of
+    different products look far apart). "exclude" drops a flagged factory's payload, "filter"
+    keeps only its vectors that lie as close to the other factories as honest ones do.
+    """
+    f = config.federation
+    if f.poison_mode == "off":
+        return accepted, {"mode": "off"}
+    features = {p.factory_id: torch.from_numpy(p.decoded()) for p in accepted}  # (n_k, D) each
+    report, distances = detect_poisoned(features, quantile=f.poison_quantile,
+                                        threshold=f.poison_threshold)
+    kept, dropped = mitigate(features, report, distances, f.poison_mode)
+    for k in report.flagged:
+        log.warning("poisoning screen (%s): %s", f.poison_mode, report.reasons[k])
+    out = []
+    for p in accepted:
+        if p.factory_id not in kept:
+            continue
+        if dropped[p.factory_id]:
+            p = dataclasses.replace(p, features=kept[p.factory_id].numpy(), scales=None)
+        out.append(p)
+    summary = {"mode": f.poison_mode, **report.to_dict(),
+               "dropped_vectors": {factory_name(k): v for k, v in dropped.items()},
+               "excluded": [factory_name(k) for k in report.flagged if k not in kept]}
+    return out, summary
+
+
+def payload_settings(config: ExperimentConfig) -> dict[str, Any]:
+    """The settings a factory's payload depends on (what `resume` must find unchanged)."""
+    d = to_dict(config)
+    f = d["federation"]
+    keep = ("num_factories", "partition", "alpha", "quantity_exponent", "domain_shift",
+            "shift_strength", "local_ratio", "payload_dtype", "privacy")
+    return {"seed": d["seed"], "data": d["data"], "model": d["model"],
+            "federation": {k: f[k] for k in keep}}
+
+
+def save_received(payloads: Mapping[int, Mapping[str, Payload]], run_dir: str | Path,
+                  config: ExperimentConfig) -> Path:
+    """Keep every payload the server received under run_dir/federated/payloads/factory-K/, so a
+    later run can resume without asking those factories again; returns the folder."""
+    folder = Path(run_dir) / "federated" / "payloads"
+    fingerprint = payload_fingerprint(payload_settings(config))
+    for factory_id, by_category in sorted(payloads.items()):
+        for category, payload in sorted(by_category.items()):
+            save_payload(payload, folder / factory_name(factory_id) / category,
+                         {"fingerprint": fingerprint, "category": category})
+    return folder
+
+
+def load_received(run_dir: str | Path, config: ExperimentConfig) -> dict[int, dict[str, Payload]]:
+    """The payloads an earlier run saved ({factory id: {category: payload}}), for resuming.
+
+    ConfigError when the folder has none, or when they were produced under other settings
+    (naming the first setting that differs); PayloadError naming a file that cannot be read.
+    """
+    folder = Path(run_dir) / "federated" / "payloads"
+    files = sorted(folder.glob("factory-*/*.safetensors"))
+    if not files:
+        raise ConfigError(f"nothing to resume from: no saved payloads in {folder}")
+    expected = payload_fingerprint(payload_settings(config))
+    out: dict[int, dict[str, Payload]] = {}
+    for path in files:
+        payload, meta = load_payload(path.with_suffix(""))
+        if meta.get("fingerprint") != expected:
+            raise ConfigError(f"cannot resume from {path}: it was produced with other settings "
+                              f"({_first_difference(Path(run_dir), config)}); rerun those factories")
+        if factory_name(payload.factory_id) != path.parent.name:
+            raise PayloadError(f"saved payload {path} claims factory-{payload.factory_id}")
+        out.setdefault(payload.factory_id, {})[meta.get("category", path.stem)] = payload
+    return out
+
+
+def _first_difference(run_dir: Path, config: ExperimentConfig) -> str:
+    """"federation.local_ratio: 0.1 then, 0.2 now" from the earlier run's config.yaml, if any."""
+    path = run_dir / "federated" / "config.yaml"
+    try:
+        before = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return f"{path} is unreadable"
+    now = payload_settings(config)
+
+    def walk(a: Any, b: Any, key: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(b):
+                found = walk(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+                if found:
+                    return found
+            return None
+        return None if a == b else f"{key}: {a!r} then, {b!r} now"
+
+    return walk({k: before.get(k) for k in now}, now, "") or "the settings differ"
 
 
 def aggregation_summary(result: AggregationResult) -> dict[str, Any]:
@@ -128,6 +251,13 @@ def upload_stats(payloads: Mapping[str, Payload],
         "categories": per_category,
         "seconds": {k: float(v) for k, v in (seconds or {}).items()},
     }
+
+
+def write_run_config(run_dir: str | Path, config: ExperimentConfig) -> Path:
+    """`run_dir/federated/config.yaml`: the settings the server ran with (what resume compares)."""
+    path = Path(run_dir) / "federated" / "config.yaml"
+    atomic_write_bytes(path, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+    return path
 
 
 def write_federation_json(run_dir: str | Path, report: Mapping[str, Any]) -> Path:

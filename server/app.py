@@ -1,11 +1,15 @@
 """The Flower ServerApp: one round of local coresets in, one global bank per category out.
 
-`main` waits for the factories' nodes, sends each a train message, decodes the local coresets
-that come back, aggregates them per category (federated/server_logic.py), saves the global banks,
-then sends every factory the banks of its categories and collects the metrics it measures on its
-own test images. A node that errs or does not answer in time is recorded in federation.json
-("failed" / "missing"), not allowed to crash the run; so is a payload that fails validation
-("rejected"). Like the ClientApp, it reads the run config ("config", "overrides", "run-dir"), with
+`main` waits for the factories' nodes, asks each which factory it is (a cheap query round, so
+that a factory that later fails is named), sends each a train message, decodes the local
+coresets that come back and keeps them (run_dir/federated/payloads), aggregates them per category
+(federated/server_logic.py: validation, quorum, poisoning screen), saves the global banks, then
+sends every factory the banks of its categories and collects the metrics it measures on its own
+test images. A factory that errs, does not answer in time, or joins with nothing to send is
+recorded in federation.json ("failed" / "missing", with the reason), not allowed to crash the
+run; so is a payload that fails validation ("rejected"). With the run config key "resume-from"
+(an earlier run folder), the payloads saved there are reused and only the other factories are
+asked to train. Like the ClientApp, it reads the run config ("config", "overrides", "run-dir"), with
 defaults baked in by `build_server_app` for `run_simulation`.
 """
 
@@ -21,14 +25,16 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from clients.app import ASSIGNMENT, BANKS, FEATURES, METRICS, PAYLOAD, SITE, TIMINGS, unpack_payloads
+from clients.app import (ASSIGNMENT, BANKS, FEATURES, METRICS, PAYLOAD, RELEASE, SITE, TIMINGS,
+                         unpack_payloads)
 from federated.aggregation import AggregationResult
 from federated.config import ExperimentConfig
 from federated.partition import factory_name
 from federated.payload import Payload
 from federated.plan import experiment_config, plan_factories
-from federated.server_logic import (aggregate_all, aggregation_summary, save_global_banks,
-                                    upload_stats, write_federation_json)
+from federated.server_logic import (aggregate_all, aggregation_summary, load_received,
+                                    save_global_banks, save_received, upload_stats,
+                                    write_federation_json, write_run_config)
 from patchcore.config import to_dict
 from patchcore.errors import ConfigError
 from patchcore.model import backbone_id as model_backbone_id
@@ -64,9 +70,16 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float, poll_s: float = 
 
 
 def exchange(grid: Grid, contents: Mapping[int, RecordDict], message_type: str, timeout_s: float,
-             report: dict[str, Any], phase: str) -> dict[int, Message]:
+             report: dict[str, Any], phase: str,
+             names: Mapping[int, int] | None = None) -> dict[int, Message]:
     """Send one message per node and return {node id: reply with content}; errors go to
-    report["failed"], silence (no reply within `timeout_s`) to report["missing"]."""
+    report["failed"], silence (no reply within `timeout_s`) to report["missing"], each entry
+    naming the node's factory when `names` ({node id: factory id}) knows it."""
+    names = names or {}
+
+    def who(node: int) -> dict[str, Any]:
+        return {"factory": factory_name(names[node]) if node in names else None, "node_id": node}
+
     messages = [Message(content, dst_node_id=node, message_type=message_type)
                 for node, content in contents.items()]
     replies: dict[int, Message] = {}
@@ -74,15 +87,26 @@ def exchange(grid: Grid, contents: Mapping[int, RecordDict], message_type: str, 
         node = int(reply.metadata.src_node_id)
         if reply.has_error():
             log.warning("node %d failed in %s: %s", node, phase, reply.error.reason)
-            report["failed"].append({"node_id": node, "phase": phase,
+            report["failed"].append({**who(node), "phase": phase,
                                      "reason": short_reason(reply.error.reason)})
         else:
             replies[node] = reply
     answered = set(replies) | {f["node_id"] for f in report["failed"] if f["phase"] == phase}
     for node in sorted(set(contents) - answered):
-        report["missing"].append({"node_id": node, "phase": phase,
+        log.warning("node %d sent no %s reply within %g s", node, phase, timeout_s)
+        report["missing"].append({**who(node), "phase": phase,
                                   "reason": f"no reply within {timeout_s:g} s"})
     return replies
+
+
+def identify(grid: Grid, nodes: Iterable[int], config: ExperimentConfig,
+             report: dict[str, Any]) -> dict[int, int]:
+    """{node id: factory id}, asked of every node (nodes that fail to say are reported)."""
+    f = config.federation
+    ask = {node: RecordDict({ASSIGNMENT: ConfigRecord({"factory-id": k % f.num_factories})})
+           for k, node in enumerate(nodes)}
+    replies = exchange(grid, ask, MessageType.QUERY, f.round_timeout_s, report, "identify")
+    return {node: int(reply.content[SITE]["factory-id"]) for node, reply in replies.items()}
 
 
 def decode_train_replies(replies: Mapping[int, Message],
@@ -110,8 +134,14 @@ def decode_train_replies(replies: Mapping[int, Message],
         for category, reason in sorted(problems.items()):
             report["rejected"].append({"factory": factory_name(factory_id), "category": category,
                                        "reason": reason})
-        report["factories"][factory_name(factory_id)] = {"node_id": node,
-                                                         **upload_stats(decoded, seconds)}
+        stats = upload_stats(decoded, seconds)
+        if RELEASE in content:
+            stats["release"] = {k: float(v) for k, v in content[RELEASE].items()}
+        report["factories"][factory_name(factory_id)] = {"node_id": node, **stats}
+        if not decoded and not problems and content[SITE].get("status") == "empty":
+            report["missing"].append({"factory": factory_name(factory_id), "node_id": node,
+                                      "phase": "train", "reason": "joined with an empty shard "
+                                      "(no training images): nothing to send"})
         payloads[factory_id], nodes[factory_id] = decoded, node
     return payloads, nodes
 
@@ -163,11 +193,15 @@ def evaluate_round(grid: Grid, config: ExperimentConfig, results: Mapping[str, A
 
 def new_report(config: ExperimentConfig) -> dict[str, Any]:
     f = config.federation
+    spec = config.privacy_spec()
     return {"status": "running", "num_factories": f.num_factories, "partition": f.partition,
             "aggregation_method": f.aggregation, "local_ratio": f.local_ratio,
             "global_ratio": f.global_ratio, "payload_dtype": f.payload_dtype,
-            "factories": {}, "aggregation": {}, "per_factory_metrics": {},
-            "failed": [], "missing": [], "rejected": [], "seconds": {}}
+            "min_clients": f.min_clients, "poison_mode": f.poison_mode,
+            "privacy": spec.to_dict() if spec else {"epsilon": None, "note": "off: no noise"},
+            "transform": to_dict(config.model.transform), "faults": list(f.faults),
+            "factories": {}, "aggregation": {}, "per_factory_metrics": {}, "poisoning": {},
+            "failed": [], "missing": [], "rejected": [], "resumed": [], "seconds": {}}
 
 
 class _Laps:
@@ -185,21 +219,37 @@ class _Laps:
 def run_server(grid: Grid, context: Context, defaults: Mapping[str, Any]) -> dict[str, Any]:
     """The whole federation, one train round and one evaluate round; returns the report that
     is also written to run_dir/federated/federation.json (even when the run fails)."""
-    config, run_dir = experiment_config({**defaults, **dict(context.run_config)})
+    settings = {**defaults, **dict(context.run_config)}
+    config, run_dir = experiment_config(settings)
+    resume_from = str(settings.get("resume-from", "") or "")
     report = new_report(config)
     lap, f = _Laps(report["seconds"]), config.federation
     try:
         plan_factories(config)  # lists (and for `synthetic`, writes) the data once, up front
+        write_run_config(run_dir, config)
+        held = load_received(resume_from, config) if resume_from else {}
+        report["resumed"] = [factory_name(k) for k in sorted(held)]
         report["nodes"] = wait_for_nodes(grid, f.num_factories, f.node_timeout_s)
         lap("wait_nodes")
-        assign = {node: RecordDict({ASSIGNMENT: ConfigRecord({"factory-id": k % f.num_factories})})
-                  for k, node in enumerate(report["nodes"])}
-        replies = exchange(grid, assign, MessageType.TRAIN, f.round_timeout_s, report, "train")
+        names = identify(grid, report["nodes"], config, report)
+        lap("identify")
+        train = {node: RecordDict({ASSIGNMENT: ConfigRecord({"factory-id": k})})
+                 for node, k in sorted(names.items()) if k not in held}
+        replies = exchange(grid, train, MessageType.TRAIN, f.round_timeout_s, report, "train", names)
         lap("train_round")
         payloads, nodes = decode_train_replies(replies, report)
+        save_received(payloads, run_dir, config)
+        for k, by_category in held.items():
+            payloads[k] = dict(by_category)
+            report["factories"][factory_name(k)] = {"resumed_from": resume_from,
+                                                    **upload_stats(by_category)}
+            node = next((n for n, fk in sorted(names.items()) if fk == k), None)
+            if node is not None:  # it is evaluated on its own test images like the others
+                nodes[k] = node
+        save_received(held, run_dir, config)
         backbone_id = model_backbone_id(config.model)
         results = aggregate_all(payloads, config, to_dict(config.model), backbone_id,
-                                report["rejected"])
+                                report["rejected"], report["poisoning"])
         report["aggregation"] = {c: aggregation_summary(r) for c, r in results.items()}
         save_banks(results, payloads, config, backbone_id, run_dir)
         lap("aggregate")

@@ -5,7 +5,6 @@ tire is the hard one (RGB-only PatchCore is reported near 0.70-0.77 image AUROC 
 Skipped when the folder is absent.
 """
 
-import dataclasses
 
 import pytest
 

@@ -22,6 +22,7 @@ import experiments.simulation as simulation
 from clients.app import (BANKS, FEATURES, PAYLOAD, SITE, TIMINGS, build_client_app,
                          pack_payloads, unpack_payloads)
 from federated.config import ExperimentConfig
+from federated.errors import QuorumError
 from federated.payload import Payload, encode, raw_feature_bytes
 from federated.plan import experiment_config, plan_factories
 from federated.server_logic import aggregate_all, save_global_banks, upload_stats
@@ -219,7 +220,7 @@ def test_client_handlers_called_directly_send_only_coresets_and_numbers(federati
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
                       state=RecordDict(), run_config={})
     reply = app(_instruction(RecordDict(), MessageType.TRAIN, 7), context)
-    assert not reply.has_error() and set(reply.content) == {"features", "payload", "site", "timings"}
+    assert not reply.has_error() and set(reply.content) == {"features", "payload", "site", "timings", "release"}
     arrays = {k: a.numpy() for k, a in reply.content[FEATURES].items()}
     assert sorted(arrays) == ["disc", "stripes"]
     payloads, problems = unpack_payloads(reply.content[FEATURES], reply.content[PAYLOAD])
@@ -314,8 +315,10 @@ def test_oversized_payload_is_rejected(site_setup):
     whole = encode(np.zeros((100, DIM), np.float32), num_patches=128, num_images=2,
                    backbone_id=site.model.backbone_id, factory_id=0)  # 100 > 25% of 128
     rejected: list[dict] = []
-    assert aggregate_all({0: {"disc": whole}}, config, {"target_embed_dim": DIM},
-                         site.model.backbone_id, rejected) == {}
+    with pytest.raises(QuorumError, match=r"only 0 of 3 factories sent valid payloads "
+                                          r"\(federation.min_clients = 1\): no global bank"):
+        aggregate_all({0: {"disc": whole}}, config, {"target_embed_dim": DIM},
+                      site.model.backbone_id, rejected)
     assert "exceed the limit" in rejected[0]["reason"]
 
 
@@ -384,6 +387,7 @@ def test_failed_and_silent_nodes_are_recorded_not_raised(site_setup, monkeypatch
     replies = exchange(Grid(), sent, MessageType.TRAIN, 5.0, report, "train")
     payloads_back, nodes = decode_train_replies(replies, report)
     assert sorted(replies) == [1] and nodes == {0: 1} and payloads_back[0] == payloads
-    assert report["failed"] == [{"node_id": 2, "phase": "train", "reason": "Message: boom"}]
+    assert report["failed"] == [{"factory": None, "node_id": 2, "phase": "train",
+                                 "reason": "Message: boom"}]
     assert [m["node_id"] for m in report["missing"]] == [3]
     assert report["factories"]["factory-0"]["seconds"] == {"extract_s": 1.0}
