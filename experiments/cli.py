@@ -4,6 +4,10 @@
     fedpatch evaluate --run RUN             metrics, ROC, overlays           -> RUN/evaluation-*/
     fedpatch predict  IMAGE... --bank B     score, threshold, decision, overlay
     fedpatch compare  --config C            federated vs centralized vs local -> results/compare-*/
+    fedpatch federate --config C [--resume RUN]   the federation alone          -> results/federate-*/
+    fedpatch sweep privacy|encoding|poisoning --config C   cost of each protection -> results/sweep-*/
+    fedpatch dashboard [RESULTS_DIR]        Streamlit dashboard over compare/fit runs
+    fedpatch serve    BANK                  HTTP inspection API (POST /inspect) around one bank
 """
 
 from __future__ import annotations
@@ -113,10 +117,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return predict_images(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from experiments.serve import create_app
+
+    if args.max_upload_mb <= 0:
+        from patchcore.errors import ConfigError
+
+        raise ConfigError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    app = create_app(args.bank, device=args.device, threshold=args.threshold,
+                     max_upload_bytes=int(args.max_upload_mb * 2**20))  # a bad bank fails here, in one line
+    import uvicorn
+
+    print(f"serving {args.bank} on http://{args.host}:{args.port} (docs: /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_federate(args: argparse.Namespace) -> int:
+    from experiments.federate import run_federate
+
+    return run_federate(args, _overrides(args))
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from experiments.sweeps import run_sweep
+
+    return run_sweep(args, _overrides(args))
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from experiments.compare import run_compare
 
     return run_compare(args, _overrides(args))
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from experiments.dashboard.launch import serve
+
+    return serve(args.results_dir, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="federated vs centralized vs local-only PatchCore on the same images")
     common(cmp)
     cmp.set_defaults(func=cmd_compare)
+    fed = sub.add_parser("federate", help="run the federation only (Flower on Ray): global banks + federation.json")
+    common(fed)
+    fed.add_argument("--resume", metavar="RUN", help="reuse the payloads an earlier run saved (RUN/federated/payloads)")
+    fed.set_defaults(func=cmd_federate)
+    sw = sub.add_parser("sweep", help="privacy / encoding / poisoning sweep on features extracted once")
+    sw.add_argument("kind", choices=("privacy", "encoding", "poisoning"))
+    common(sw)
+    sw.add_argument("--epsilons", nargs="+", metavar="EPS", help="privacy: ε values (inf allowed); default 0.5 1 2 4 8 inf")
+    sw.set_defaults(func=cmd_sweep)
+    dash = sub.add_parser("dashboard", help="Streamlit dashboard: per-image decisions, heatmaps, federation view")
+    dash.add_argument("results_dir", nargs="?", default="results", metavar="RESULTS_DIR",
+                      help="folder of runs, or one run folder (default: results)")
+    dash.add_argument("--port", type=int, default=8501)
+    dash.set_defaults(func=cmd_dashboard)
+    srv = sub.add_parser("serve", help="HTTP inspection API around one bank: POST /inspect, GET /health, /model, /docs")
+    srv.add_argument("bank", help="a .safetensors bank (its .json beside it)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--threshold", type=float, help="decision threshold (default: the bank's calibrated one)")
+    srv.add_argument("--device", default="auto")
+    srv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -82,3 +82,41 @@ def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], p
         ax.set_ylim(*ylim)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=max(1, len(series)))
     return _save(fig, path)
+
+
+def heatmap_rgb(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
+    """image (H, W, 3) in [0, 1] and anomaly map (H, W) -> (H, W, 3) uint8 jet overlay, pixel for
+    pixel (no axes, no figure), so it lines up with the image. Uses no pyplot state, so request
+    threads of the inspection API may call it concurrently."""
+    span = max(vmax - vmin, 1e-12)
+    heat = matplotlib.colormaps["jet"](np.clip((amap - vmin) / span, 0.0, 1.0))[..., :3]  # (H, W, 3)
+    blend = (1.0 - alpha) * np.clip(image, 0.0, 1.0) + alpha * heat
+    return np.round(blend * 255.0).astype(np.uint8)
+
+
+def privacy_curve(rows: Sequence[Mapping], path: Path) -> Path:
+    """AUROC (image: solid, pixel: dashed) against ε per category; ε = ∞ drawn at the right end,
+    and the clipped centralized model as a dotted line of the category's colour."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    federated = [r for r in rows if r.get("method") == "federated" and r.get("epsilon") is not None]
+    finite = sorted({float(r["epsilon"]) for r in federated if np.isfinite(r["epsilon"])})
+    inf_x = (finite[-1] * 2.5) if finite else 1.0
+    for i, category in enumerate(sorted({r["category"] for r in rows})):
+        color = f"C{i}"
+        mine = sorted((r for r in federated if r["category"] == category),
+                      key=lambda r: float(r["epsilon"]))
+        xs = [float(r["epsilon"]) if np.isfinite(r["epsilon"]) else inf_x for r in mine]
+        ax.plot(xs, [r["image_auroc"] for r in mine], "o-", color=color, label=f"{category} image")
+        ax.plot(xs, [r["pixel_auroc"] for r in mine], "s--", color=color, label=f"{category} pixel")
+        central = next((r for r in rows if r["category"] == category and r.get("variant") == "centralized, clipped"), None)
+        if central:
+            ax.axhline(central["image_auroc"], color=color, ls=":", lw=1)
+    ticks = finite + [inf_x]
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [f"{t:g}" for t in finite] + ["∞"])
+    ax.minorticks_off()
+    ax.set(xlabel="ε per released vector (δ fixed)", ylabel="AUROC",
+           title="privacy vs utility (dotted: centralized, clipped, image AUROC)")
+    ax.set_ylim(0.4, 1.02)
+    ax.legend(fontsize=8, ncol=2)
+    return _save(fig, path)

@@ -1,0 +1,360 @@
+"""`fedpatch sweep privacy|encoding|poisoning`: what each protection costs in detection quality.
+
+Every factory's patch embeddings (train and test) are extracted ONCE; each variant then replays
+the federation in-process with the very functions the Flower apps call — the client's
+`make_payload` (clip, noise, encoding) and the server's `aggregate_all` (validation, quorum,
+poisoning screen, coreset of coresets) — and scores the global bank on the same union test set.
+No Ray, no second backbone pass: a sweep costs one extraction plus, per variant, the local
+coresets it changes and a nearest-neighbour pass.
+
+- privacy: ε ∈ {0.5, 1, 2, 4, 8, ∞} (δ, clip_norm from the config). A centralized PatchCore with
+  the same clipping (no noise: it releases nothing) and one without clipping are the references.
+- encoding: float32 / float16 / int8 payloads, and float16 after a shared random projection to
+  256 and 128 dims (model.transform.projection_dim; the scorer projects its queries too).
+- poisoning: one factory (the last) turns hostile — it builds its coreset from its own defective
+  test images, or sends noise — and the server screens with federation.poison_mode off, flag,
+  exclude, filter. All rows are scored on one test set: the union test set without the images
+  the poisoner trained on.
+
+Writes sweep.csv, sweep.json, one plot per sweep, report.md and manifest.json under
+results/sweep-<kind>-*/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from experiments.reports import format_table, write_table
+from experiments.runs import Manifest, new_run_dir, write_json
+from federated.config import ExperimentConfig
+from federated.faults import apply_to_shard
+from federated.partition import factory_name
+from federated.payload import raw_feature_bytes
+from federated.plan import FactoryPlan, plan_factories
+from federated.server_logic import aggregate_all
+from federated.site import make_payload
+from patchcore.config import TransformConfig, load_config, to_dict
+from patchcore.coreset import coreset_size, greedy_coreset
+from patchcore.errors import ConfigError
+from patchcore.evaluation import ScoredSet, loader_for
+from patchcore.memory_bank import atomic_write_bytes
+from patchcore.model import PatchCore, backbone_id, feature_transform
+
+KINDS = ("privacy", "encoding", "poisoning")
+EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
+ENCODINGS = (("float32", None), ("float16", None), ("int8", None), ("float16", 256), ("float16", 128))
+POISON_MODES = ("off", "flag", "exclude", "filter")
+
+
+@dataclass
+class Extracted:
+    """Raw patch embeddings (before model.transform), extracted once per sweep."""
+
+    train: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (N·L, D) per factory, category
+    images: dict[tuple[int, str], int] = field(default_factory=dict)
+    test: dict[str, dict[str, Any]] = field(default_factory=dict)  # category -> emb (N, L, D), grid, records, masks
+
+    @property
+    def train_dim(self) -> int:
+        """D of the raw embeddings: the upload-ratio denominator counts raw fp32 features."""
+        return int(next(iter(self.train.values())).shape[1])
+
+
+def extract(config: ExperimentConfig, plan: FactoryPlan, model: PatchCore, poisoner: int | None,
+            progress: bool) -> Extracted:
+    """Every factory's training embeddings (the poisoner's `defects` shard included) and the
+    union test set's embeddings, per category (the poisoner's training images left out)."""
+    out = Extracted()
+    shards = list(plan.shards)
+    hostile = apply_to_shard(shards[poisoner], "defects") if poisoner is not None else None
+    used = {r.path for r in hostile.train} if hostile else set()
+    for shard in shards + ([dataclasses.replace(hostile, factory_id=-1)] if hostile else []):
+        for category in plan.categories:
+            train = [r for r in shard.train if r.category == category]
+            if train:
+                key = (shard.factory_id, category)
+                out.train[key] = model.extract(loader_for(train, config, plan.shifts), progress,
+                                               desc=f"{factory_name(shard.factory_id)} {category}").cpu()
+                out.images[key] = len(train)
+    for category in plan.categories:
+        records = [r for s in shards for r in s.test if r.category == category and r.path not in used]
+        embs, masks, has_mask, grid = [], [], [], None
+        for batch in tqdm(loader_for(records, config, plan.shifts), desc=f"test {category}",
+                          disable=not progress):
+            emb, grid = model.embed(batch["image"])  # (B, L, D)
+            embs.append(emb.cpu())
+            masks.append(batch["mask"][:, 0].numpy() > 0.5)
+            has_mask.append(batch["has_mask"].numpy())
+            size = tuple(batch["image"].shape[-2:])
+        out.test[category] = {"emb": torch.cat(embs), "grid": grid, "records": records, "size": size,
+                              "masks": np.concatenate(masks), "has_mask": np.concatenate(has_mask)}
+    return out
+
+
+class Replay:
+    """Federations and centralized fits replayed on extracted embeddings, with caches."""
+
+    def __init__(self, config: ExperimentConfig, data: Extracted, progress: bool) -> None:
+        self.config, self.data, self.progress = config, data, progress
+        self.device = torch.device("cpu")
+        self._coresets: dict[tuple, torch.Tensor] = {}
+
+    def _transformed(self, x: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
+        t = feature_transform(config.model)
+        return x if t.identity else t(x)
+
+    def _coreset(self, x: torch.Tensor, ratio: float, config: ExperimentConfig, key: tuple) -> torch.Tensor:
+        key = (*key, ratio, feature_transform(config.model).tag())
+        if key not in self._coresets:
+            c = config.model.coreset
+            idx = greedy_coreset(x, coreset_size(len(x), ratio), method=c.method,
+                                 projection_dim=c.projection_dim, num_starts=c.num_starts,
+                                 seed=config.seed, progress=False)
+            self._coresets[key] = x[idx]
+        return self._coresets[key]
+
+    def federated(self, config: ExperimentConfig, factories: dict[int, int]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Global banks {category: (M, d)} and a small report, for factories {id: data key}
+        (the data key is the factory whose embeddings it holds: -1 is the poisoner's defects)."""
+        spec = config.privacy_spec()
+        payloads: dict[int, dict[str, Any]] = {}
+        release: dict[str, float] = {}
+        for factory_id, source in sorted(factories.items()):
+            fault = "noise" if source == -2 else None
+            source = factory_id if source == -2 else source
+            for (k, category), x in sorted(self.data.train.items()):
+                if k != source:
+                    continue
+                x = self._transformed(x, config)
+                coreset = self._coreset(x, config.federation.local_ratio, config, (source, category))
+                payload, stats = make_payload(coreset, config=config, backbone_id=backbone_id(config.model),
+                                              factory_id=factory_id, category=category, num_patches=len(x),
+                                              num_images=self.data.images[(k, category)], privacy=spec,
+                                              fault=fault)
+                payloads.setdefault(factory_id, {})[category] = payload
+                release.update({f"{factory_id}.{category}.{n}": v for n, v in stats.items()})
+        rejected: list[dict[str, Any]] = []
+        poisoning: dict[str, Any] = {}
+        results = aggregate_all(payloads, config, to_dict(config.model), backbone_id(config.model),
+                                rejected, poisoning)
+        sent = [(c, p) for by in payloads.values() for c, p in by.items()]
+        report = {"bytes_sent": {c: sum(p.nbytes for c2, p in sent if c2 == c) for c, _ in sent},
+                  "raw_feature_bytes": {c: sum(raw_feature_bytes(p.num_patches, self.data.train_dim)
+                                               for c2, p in sent if c2 == c) for c, _ in sent},
+                  "rejected": rejected, "poisoning": poisoning, "release": release,
+                  "flagged": sorted({factory_name(k) for c in poisoning.values() for k in c.get("flagged", [])})}
+        return {c: r.bank for c, r in results.items()}, report
+
+    def centralized(self, config: ExperimentConfig, factories: list[int]) -> dict[str, torch.Tensor]:
+        """One coreset per category over the union of the factories' (transformed) embeddings."""
+        banks = {}
+        for category in sorted({c for (_, c) in self.data.train}):
+            parts = [x for (k, c), x in sorted(self.data.train.items()) if c == category and k in factories]
+            union = self._transformed(torch.cat(parts), config)
+            banks[category] = self._coreset(union, config.model.coreset.ratio, config, ("central", category))
+        return banks
+
+    def score(self, config: ExperimentConfig, banks: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+        """Metrics per category of `banks` on the extracted test set (queries transformed alike)."""
+        from patchcore.memory_bank import MemoryBank
+
+        model = _Scorer(config)
+        out = {}
+        for category, bank in sorted(banks.items()):
+            test = self.data.test[category]
+            emb = test["emb"]
+            n, length, dim = emb.shape
+            queries = self._transformed(emb.reshape(n * length, dim), config)
+            dist, _ = MemoryBank(bank.float()).nearest(queries, k=config.model.num_neighbours)
+            patch = dist.mean(dim=1) if config.model.score_distance == "squared_l2" else dist.sqrt().mean(dim=1)
+            scores, maps = model.scores_from_patches(patch.reshape(n, *test["grid"]), test["size"])
+            scored = ScoredSet(test["records"], scores.numpy(), maps.numpy(), test["masks"], test["has_mask"])
+            out[category] = scored.metrics()
+        return out
+
+
+class _Scorer:
+    """PatchCore's patch-grid -> (image score, pixel map) step without a backbone."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config.model
+
+    scores_from_patches = PatchCore.scores_from_patches
+
+
+def _variant(base: ExperimentConfig, **changes: Any) -> ExperimentConfig:
+    """`base` with dotted-key changes, validated like a loaded config."""
+    config = base
+    for dotted, value in changes.items():
+        section, _, key = dotted.rpartition(".")
+        parts = section.split(".") if section else []
+        objs = [config]
+        for p in parts:
+            objs.append(getattr(objs[-1], p))
+        new = dataclasses.replace(objs[-1], **{key: value})
+        for obj, p in zip(reversed(objs[:-1]), reversed(parts)):
+            new = dataclasses.replace(obj, **{p: new})
+        config = new
+    config.validate()
+    return config
+
+
+def _row(label: str, metrics: dict[str, dict[str, Any]], **extra: Any) -> list[dict[str, Any]]:
+    """One row per category; an `extra` value that is a {category: value} dict is split up."""
+    rows = []
+    for category, m in sorted(metrics.items()):
+        own = {k: (v.get(category) if isinstance(v, dict) else v) for k, v in extra.items()}
+        rows.append({"variant": label, "category": category, "image_auroc": m["image_auroc"],
+                     "pixel_auroc": m.get("pixel_auroc"), "aupro": m.get("aupro"), **own})
+    return rows
+
+
+def sweep_privacy(base: ExperimentConfig, replay: Replay, epsilons: tuple[float, ...]) -> list[dict[str, Any]]:
+    if base.model.transform.clip_norm is None:
+        raise ConfigError("the privacy sweep needs model.transform.clip_norm (set it in the config)")
+    factories = {k: k for k in range(base.federation.num_factories)}
+    rows = []
+    plain = _variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
+    rows += _row("centralized, no clipping", replay.score(plain, replay.centralized(plain, list(factories))),
+                 method="centralized", epsilon=None)
+    clipped = _variant(base, **{"federation.privacy.epsilon": None})
+    rows += _row("centralized, clipped", replay.score(clipped, replay.centralized(clipped, list(factories))),
+                 method="centralized", epsilon=None)
+    for eps in epsilons:
+        config = _variant(base, **{"federation.privacy.epsilon": None if math.isinf(eps) else eps})
+        banks, report = replay.federated(config, factories)
+        spec = config.privacy_spec()
+        rows += _row(f"federated, ε={eps:g}", replay.score(config, banks), method="federated",
+                     epsilon=eps, delta=base.federation.privacy.delta, sigma=spec.sigma if spec else 0.0,
+                     clip_norm=base.model.transform.clip_norm, bytes_sent=report["bytes_sent"])
+        print(f"ε={eps:g}: done")
+    return rows
+
+
+def sweep_encoding(base: ExperimentConfig, replay: Replay, encodings=ENCODINGS) -> list[dict[str, Any]]:
+    factories = {k: k for k in range(base.federation.num_factories)}
+    plain = _variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
+    rows = _row("centralized", replay.score(plain, replay.centralized(plain, list(factories))),
+                method="centralized")
+    for dtype, dim in encodings:
+        transform = dataclasses.replace(base.model.transform, projection_dim=dim, projection_seed=base.seed)
+        config = _variant(plain, **{"federation.payload_dtype": dtype, "model.transform": transform})
+        banks, report = replay.federated(config, factories)
+        label = dtype + (f" + projection {dim}" if dim else "")
+        ratio = {c: report["bytes_sent"][c] / report["raw_feature_bytes"][c] for c in report["bytes_sent"]}
+        rows += _row(label, replay.score(config, banks), method="federated", encoding=dtype,
+                     projection_dim=dim, bytes_sent=report["bytes_sent"], upload_ratio=ratio)
+        print(f"{label}: done")
+    return rows
+
+
+def sweep_poisoning(base: ExperimentConfig, replay: Replay, modes=POISON_MODES) -> list[dict[str, Any]]:
+    k = base.federation.num_factories
+    poisoner = k - 1
+    honest = {i: i for i in range(k)}
+    rows = []
+    for attack, source in (("clean", poisoner), ("defect features", -1), ("noise", -2)):
+        for mode in (("off",) if attack == "clean" else modes):
+            config = _variant(base, **{"federation.poison_mode": mode if attack != "clean" else "flag"})
+            banks, report = replay.federated(config, {**honest, poisoner: source})
+            flagged = report["flagged"]
+            rows += _row(f"{attack}, screen {config.federation.poison_mode}", replay.score(config, banks),
+                         method="federated", attack=attack, poison_mode=config.federation.poison_mode,
+                         flagged=" ".join(flagged) or "none",
+                         poisoner_flagged=factory_name(poisoner) in flagged,
+                         z_poisoner=_z(report, poisoner))
+            print(f"{attack} / {mode}: flagged {flagged or 'none'}")
+    rows += _row("honest factories only", replay.score(base, replay.federated(base, {i: i for i in range(k - 1)})[0]),
+                 method="federated", attack="none (poisoner absent)")
+    return rows
+
+
+def _z(report: dict[str, Any], factory: int) -> float | None:
+    zs = [c["z"].get(str(factory), c["z"].get(factory)) for c in report["poisoning"].values() if c.get("z")]
+    zs = [z for z in zs if z is not None]
+    return float(max(zs)) if zs else None
+
+
+def write_outputs(out: Path, kind: str, rows: list[dict[str, Any]], base: ExperimentConfig) -> list[Path]:
+    from experiments import plots
+
+    write_table(out / "sweep.csv", rows)
+    write_json(out / "sweep.json", {"kind": kind, "rows": rows})
+    figures = []
+    categories = sorted({r["category"] for r in rows})
+    labels = list(dict.fromkeys(r["variant"] for r in rows))
+    for metric in ("image_auroc", "pixel_auroc"):
+        series = {c: [next((r[metric] for r in rows if r["variant"] == v and r["category"] == c), np.nan)
+                      for v in labels] for c in categories}
+        values = [x for s in series.values() for x in s if x is not None and np.isfinite(x)]
+        low = max(0.0, np.floor((min(values, default=0.5) - 0.02) * 20) / 20)
+        figures.append(plots.grouped_bars(labels, series, out / f"{metric}.png", metric.replace("_", " "),
+                                          f"{kind} sweep: {metric.replace('_', ' ')}", ylim=(low, 1.01)))
+    if kind == "privacy":
+        figures.append(plots.privacy_curve(rows, out / "auroc_vs_epsilon.png"))
+    columns = [c for c in rows[0] if c != "category"]
+    lines = [f"# fedpatch {kind} sweep\n",
+             f"Config: {base.data.format} {', '.join(categories)}; {base.federation.num_factories} factories "
+             f"({base.federation.partition}); backbone {base.model.backbone.name}; seed {base.seed}.\n",
+             _markdown(rows, ["category", *columns]), ""]
+    lines += [f"![{p.stem}]({p.name})\n" for p in figures]
+    atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
+    return figures
+
+
+def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return "∞" if math.isinf(v) else f"{v:.4g}"
+        return str(v)
+
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(cell(r.get(c)) for c in columns) + " |\n" for r in rows)
+
+
+def run_sweep(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    if args.kind not in KINDS:
+        raise ConfigError(f"sweep kind {args.kind!r} is unknown; valid: {', '.join(KINDS)}")
+    base = load_config(args.config, ExperimentConfig, overrides)
+    plan = plan_factories(base)
+    poisoner = base.federation.num_factories - 1 if args.kind == "poisoning" else None
+    if args.kind == "poisoning" and base.federation.num_factories < 3:
+        raise ConfigError("the poisoning sweep needs federation.num_factories >= 3 (the screen compares factories)")
+    out = new_run_dir(base.output_dir, f"sweep-{args.kind}", args.out)
+    manifest = Manifest(out, base, f"sweep-{args.kind}")
+    manifest.write(status="running")
+    raw = PatchCore(_variant(base, **{"model.transform": TransformConfig()}).model, device=base.device, seed=base.seed)
+    start = time.time()
+    data = extract(base, plan, raw, poisoner, not args.quiet)
+    manifest.time("extract", time.time() - start)
+    replay = Replay(base, data, not args.quiet)
+    start = time.time()
+    if args.kind == "privacy":
+        epsilons = tuple(float(e) for e in args.epsilons) if args.epsilons else EPSILONS
+        rows = sweep_privacy(base, replay, epsilons)
+        manifest.data["privacy"] = [_variant(base, **{"federation.privacy.epsilon": e}).privacy_spec().to_dict()
+                                    for e in epsilons if not math.isinf(e)]
+    elif args.kind == "encoding":
+        rows = sweep_encoding(base, replay)
+    else:
+        rows = sweep_poisoning(base, replay)
+    manifest.time("variants", time.time() - start)
+    write_outputs(out, args.kind, rows, base)
+    manifest.write(status="complete", rows=len(rows))
+    columns = [c for c in ("variant", "category", "image_auroc", "pixel_auroc", "aupro", "bytes_sent", "sigma",
+                           "flagged") if any(c in r for r in rows)]
+    print(format_table(rows, columns))
+    print(f"\nreport: {out / 'report.md'}")
+    return 0
