@@ -8,6 +8,7 @@ holding only 0 and 255, because every downstream consumer wants "defect or not".
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,6 +96,31 @@ def read_image(path: Path) -> Image.Image:
     if img.mode == "RGB":
         return img
     return Image.fromarray(_to_rgb_array(img, path), "RGB")
+
+
+def decode_image(data: bytes, name: str, formats: Sequence[str] | None = None,
+                 max_pixels: int | None = None) -> Image.Image:
+    """Decode an image held in memory (an upload) exactly as `read_image` reads a file.
+
+    `name` is what error messages call it (the upload's file name); `formats` limits the PIL
+    decoders tried (e.g. ("PNG", "JPEG")), so bytes in an exotic format are refused rather than
+    handed to a rarely used parser; `max_pixels` refuses an image larger than W*H from its header,
+    before its pixels are decoded (a small compressed file can expand to gigabytes).
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=None if formats is None else list(formats)) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise DataError(f"image {name} is {width}x{height} pixels, more than the "
+                                f"{max_pixels} allowed: downscale it first")
+            img.load()
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image {name} is too large to decode safely ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"image {name} is not a readable image or is truncated ({exc})") from exc
+    if img.mode == "RGB":
+        return img
+    return Image.fromarray(_to_rgb_array(img, Path(name)), "RGB")
 
 
 def _nonzero(img: Image.Image) -> np.ndarray:
