@@ -6,7 +6,9 @@
 3. federated: the Flower apps through Ray (`run_simulation`); the global banks they write are
    scored on the same union test set, and each factory reports metrics on its own test images;
 4. local-only: each factory alone, scored on its own test images;
-then results.json / results.csv / report.md / plots / manifest.json under results/compare-*/.
+then results.json / results.csv / report.md / plots / manifest.json under results/compare-*/,
+and per-image results (images.csv, maps/, factory_metrics.csv: experiments/image_results.py)
+for `fedpatch dashboard`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from experiments import plots
+from experiments.image_results import ImageResults, decision_threshold
 from experiments.reports import flat_metrics, format_table, write_table
 from experiments.report_md import write_report
 from experiments.runs import Manifest, new_run_dir, write_config, write_json
@@ -36,7 +39,8 @@ def _by_category(records: list, category: str, split: str) -> list:
     return [r for r in records if r.category == category and r.split == split]
 
 
-def run_centralized(config: ExperimentConfig, plan: Any, run_dir: Path, progress: bool) -> dict[str, Any]:
+def run_centralized(config: ExperimentConfig, plan: Any, run_dir: Path, progress: bool,
+                    images: ImageResults | None = None) -> dict[str, Any]:
     """Per category: fit on the union, score the union test set; keeps features for coverage."""
     out: dict[str, Any] = {}
     everything = [r for s in plan.shards for r in (*s.train, *s.validation, *s.test)]
@@ -49,14 +53,25 @@ def run_centralized(config: ExperimentConfig, plan: Any, run_dir: Path, progress
         model.bank.save(run_dir / "centralized" / "banks" / category)
         scored = score_records(model, _by_category(records, category, "test"), config, plan.shifts, progress,
                                desc=f"score central {category}")
-        out[category] = {"metrics": evaluate_scored(scored, config, plan.root, category), "bank_size": len(model.bank),
+        metrics = evaluate_scored(scored, config, plan.root, category)
+        out[category] = {"metrics": metrics, "bank_size": len(model.bank),
                          "features": features.cpu(), "fit_s": fit_s, "score_s": time.time() - start - fit_s,
                          "coverage_radius": coverage_radius(model.bank.features, features)}
+        _keep_images(images, "centralized", category, scored, model.bank, metrics, config, plan)
     return out
 
 
+def _keep_images(images: ImageResults | None, name: str, category: str, scored: Any, bank: MemoryBank,
+                 metrics: dict[str, Any], config: ExperimentConfig, plan: Any) -> None:
+    """Per-image rows of a model that saw every factory's test images, and its per-factory metrics."""
+    if images is None:
+        return
+    images.add(name, category, scored, decision_threshold(bank.metadata, metrics))
+    images.add_per_factory(name, category, scored, lambda part: evaluate_scored(part, config, plan.root, category))
+
+
 def score_federated(config: ExperimentConfig, plan: Any, run_dir: Path, central: dict[str, Any],
-                    progress: bool) -> dict[str, Any]:
+                    progress: bool, images: ImageResults | None = None) -> dict[str, Any]:
     """The global banks the server wrote, scored on the union test set."""
     out: dict[str, Any] = {}
     everything = [r for s in plan.shards for r in s.test]
@@ -71,16 +86,19 @@ def score_federated(config: ExperimentConfig, plan: Any, run_dir: Path, central:
         scored = score_records(model, _by_category(everything, category, "test"), config, plan.shifts, progress,
                                desc=f"score federated {category}")
         features = central[category]["features"]
+        metrics = evaluate_scored(scored, config, plan.root, category)
         out[category] = {
-            "metrics": evaluate_scored(scored, config, plan.root, category), "bank_size": len(bank),
+            "metrics": metrics, "bank_size": len(bank),
             "score_s": time.time() - start,
             "coverage_radius": coverage_radius(bank.features, features),
         }
+        _keep_images(images, "federated", category, scored, bank, metrics, config, plan)
     return out
 
 
-def run_local(config: ExperimentConfig, plan: Any, progress: bool) -> dict[str, dict[str, Any]]:
-    """Each factory alone: {category: {factory name: metrics}}."""
+def run_local(config: ExperimentConfig, plan: Any, progress: bool, run_dir: Path | None = None,
+              images: ImageResults | None = None) -> dict[str, dict[str, Any]]:
+    """Each factory alone: {category: {factory name: metrics}}; banks under run_dir/local/<factory>/."""
     out: dict[str, dict[str, Any]] = {c: {} for c in plan.categories}
     model = PatchCore(config.model, device=config.device, seed=config.seed)  # one backbone for all fits
     for shard in plan.shards:
@@ -93,6 +111,11 @@ def run_local(config: ExperimentConfig, plan: Any, progress: bool) -> dict[str, 
             scored = score_records(model, test, config, plan.shifts, progress=False)
             metrics = evaluate_scored(scored, config, plan.root, category)
             out[category][shard.name] = {**metrics, "bank_size": len(model.bank), "num_train": len(train)}
+            if run_dir is not None:
+                model.bank.save(run_dir / "local" / shard.name / "banks" / category)
+            if images is not None:
+                images.add("local", category, scored, decision_threshold(model.bank.metadata, metrics))
+                images.add_factory_metrics("local", category, shard.name, metrics)
             if progress:
                 print(f"local {shard.name}/{category}: image AUROC {out[category][shard.name]['image_auroc']:.3f}")
     return out
@@ -158,17 +181,18 @@ def run_compare(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     manifest = Manifest(run_dir, config, "compare")
     manifest.write(status="running", data_root=str(plan.root),
                    factories={s.name: {"train": len(s.train), "test": len(s.test)} for s in plan.shards})
+    images = ImageResults(run_dir)
     start = time.time()
-    central = run_centralized(config, plan, run_dir, progress)
+    central = run_centralized(config, plan, run_dir, progress, images)
     manifest.time("centralized", time.time() - start)
     start = time.time()
     federation = run_federation(args.config, overrides, run_dir, verbose=False)
     manifest.time("federation", time.time() - start)
     start = time.time()
-    federated = score_federated(config, plan, run_dir, central, progress)
+    federated = score_federated(config, plan, run_dir, central, progress, images)
     manifest.time("federated_scoring", time.time() - start)
     start = time.time()
-    local = run_local(config, plan, progress) if config.federation.local_only else {}
+    local = run_local(config, plan, progress, run_dir, images) if config.federation.local_only else {}
     manifest.time("local_only", time.time() - start)
     rows = result_rows(plan, central, federated, local)
     uploads = upload_rows(federation)
@@ -181,6 +205,7 @@ def run_compare(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if uploads:
         write_table(run_dir / "uploads.csv", uploads)
     figures = write_plots(run_dir, rows, uploads, plan)
+    images.write()
     write_report(run_dir / "report.md", config, plan, rows, uploads, federation, manifest.data["timings_s"], figures)
     manifest.write(status="complete")
     print(format_table(rows, ("category", "method", "image_auroc", "pixel_auroc", "aupro", "bank_size", "coverage_radius")))

@@ -43,7 +43,7 @@ def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
 def image_rows(category: str, scored: ScoredSet, threshold: float | None, model: str = "") -> list[dict[str, Any]]:
     rows = []
     for record, score in zip(scored.records, scored.scores):
-        decision = "" if threshold is None else ("FAIL" if score > threshold else "PASS")
+        decision = "" if threshold is None else ("FAIL" if float(score) > threshold else "PASS")  # float64: see image_results
         row = {"model": model} if model else {}
         row.update({"category": category, "image": str(record.path), "defect": record.defect,
                     "label": record.label, "score": float(score), "decision": decision})
@@ -77,7 +77,7 @@ def write_overlays(folder: Path, category: str, scored: ScoredSet, config: Confi
         image = dataset[i]["image"].permute(1, 2, 0).clamp(0, 1).numpy()
         title = f"{category}/{record.defect}/{record.path.name}: score {scored.scores[i]:.4g} ({why})"
         if threshold is not None:
-            title += f" -> {'FAIL' if scored.scores[i] > threshold else 'PASS'} at {threshold:.4g}"
+            title += f" -> {'FAIL' if float(scored.scores[i]) > threshold else 'PASS'} at {threshold:.4g}"
         name = f"{why}-{record.defect}-{record.path.stem}.png"
         paths.append(plots.overlay(image, scored.maps[i], scored.masks[i] if scored.has_mask[i] else None,
                                    folder / category / name, title, vmin, vmax))
