@@ -335,7 +335,8 @@ def run_sweep(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     out = new_run_dir(base.output_dir, f"sweep-{args.kind}", args.out)
     manifest = Manifest(out, base, f"sweep-{args.kind}")
     manifest.write(status="running")
-    raw = PatchCore(_variant(base, **{"model.transform": TransformConfig()}).model, device=base.device, seed=base.seed)
+    bare = _variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
+    raw = PatchCore(bare.model, device=base.device, seed=base.seed)  # raw embeddings: transforms per variant
     start = time.time()
     data = extract(base, plan, raw, poisoner, not args.quiet)
     manifest.time("extract", time.time() - start)
