@@ -76,11 +76,15 @@ def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], p
         err = None if errors is None else errors.get(name)
         bars = ax.bar(x + i * width - 0.4 + width / 2, values, width, yerr=err, label=name, capsize=3)
         ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
-    ax.set_xticks(x, groups, rotation=20 if len(groups) > 4 else 0)
+    crowded = len(groups) > 4
+    ax.set_xticks(x, groups, rotation=25 if crowded else 0, ha="right" if crowded else "center")
     ax.set(ylabel=ylabel, title=title)
     if ylim:
         ax.set_ylim(*ylim)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=max(1, len(series)))
+    if crowded:  # long rotated labels below: the legend goes to the right of the axes
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    else:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=max(1, len(series)))
     return _save(fig, path)
 
 
@@ -119,4 +123,31 @@ def privacy_curve(rows: Sequence[Mapping], path: Path) -> Path:
            title="privacy vs utility (dotted: centralized, clipped, image AUROC)")
     ax.set_ylim(0.4, 1.02)
     ax.legend(fontsize=8, ncol=2)
+    return _save(fig, path)
+
+
+def auroc_vs_bytes(rows: Sequence[Mapping], path: Path) -> Path:
+    """Image (solid marker) and pixel (hollow) AUROC against bytes uploaded, one point per variant
+    and category, labelled with the variant: the communication/accuracy trade-off at a glance."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    points = [r for r in rows if r.get("bytes_sent")]
+    for i, category in enumerate(sorted({r["category"] for r in points})):
+        mine = [r for r in points if r["category"] == category]
+        for ax, metric in zip(axes, ("image_auroc", "pixel_auroc")):
+            ax.plot([r["bytes_sent"] / 2**20 for r in mine], [r[metric] for r in mine], "o", color=f"C{i}",
+                    label=category)
+            for r in mine:
+                ax.annotate(r["variant"], (r["bytes_sent"] / 2**20, r[metric]), fontsize=7,
+                            xytext=(4, 3), textcoords="offset points")
+            central = next((r for r in rows if r["category"] == category and r.get("method") == "centralized"), None)
+            if central:
+                ax.axhline(central[metric], color=f"C{i}", ls=":", lw=1)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    for ax, metric in zip(axes, ("image AUROC", "pixel AUROC")):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel="MiB uploaded (all factories)", ylabel=metric, title=f"{metric} vs bytes (dotted: centralized)")
+        ax.legend(fontsize=8)
     return _save(fig, path)

@@ -302,6 +302,8 @@ def write_outputs(out: Path, kind: str, rows: list[dict[str, Any]], base: Experi
                                           f"{kind} sweep: {metric.replace('_', ' ')}", ylim=(low, 1.01)))
     if kind == "privacy":
         figures.append(plots.privacy_curve(rows, out / "auroc_vs_epsilon.png"))
+    if kind == "encoding":
+        figures.append(plots.auroc_vs_bytes(rows, out / "auroc_vs_bytes.png"))
     columns = [c for c in rows[0] if c != "category"]
     lines = [f"# fedpatch {kind} sweep\n",
              f"Config: {base.data.format} {', '.join(categories)}; {base.federation.num_factories} factories "
