@@ -304,7 +304,9 @@ def write_outputs(out: Path, kind: str, rows: list[dict[str, Any]], base: Experi
         figures.append(plots.privacy_curve(rows, out / "auroc_vs_epsilon.png"))
     if kind == "encoding":
         figures.append(plots.auroc_vs_bytes(rows, out / "auroc_vs_bytes.png"))
-    columns = [c for c in rows[0] if c != "category"]
+    first = ["variant", "category", "image_auroc", "pixel_auroc", "aupro"]
+    columns = first[:1] + first[2:] + [c for c in dict.fromkeys(k for r in rows for k in r)
+                                       if c not in first and c != "method"]
     lines = [f"# fedpatch {kind} sweep\n",
              f"Config: {base.data.format} {', '.join(categories)}; {base.federation.num_factories} factories "
              f"({base.federation.partition}); backbone {base.model.backbone.name}; seed {base.seed}.\n",
@@ -319,7 +321,7 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
         if v is None:
             return ""
         if isinstance(v, float):
-            return "∞" if math.isinf(v) else f"{v:.4g}"
+            return "∞" if math.isinf(v) else (f"{v:.4f}" if abs(v) < 10 else f"{v:.4g}")
         return str(v)
 
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
