@@ -5,6 +5,13 @@ On disk a bank is two files side by side: `<name>.safetensors` (one tensor, "ban
 safetensors file). Loading refuses anything else — a pickle, a truncated or edited file, a
 future format version — with one line naming the file. Writes go to a temporary file first and
 are renamed into place, so a failed save never destroys an earlier bank.
+
+Nearest-neighbour backends (`model.nn_backend`): `torch`, exact, chunked to a memory budget, on
+the bank's device (patchcore/distances.py); `faiss`, exact (IndexFlatL2, CPU); `faiss_ivfpq`,
+approximate (IndexIVFPQ trained on the bank itself, `model.ivfpq`: nlist, m, nbits, nprobe, and
+an optional exact re-ranking of k×refine candidates). FAISS is the optional extra
+`fedpatch[faiss]`; its indexes are built on first use and never saved (the bank file is the
+truth). Measured trade-offs: experiments/studies/speed_coreset_nn.md.
 """
 
 from __future__ import annotations
@@ -19,11 +26,44 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from patchcore.config import IvfPqConfig
 from patchcore.distances import nearest_neighbours
 from patchcore.errors import BankFormatError, ConfigError
 
 BANK_FORMAT_VERSION = 1
-NN_BACKENDS = ("torch", "faiss")
+NN_BACKENDS = ("torch", "faiss", "faiss_ivfpq")
+
+
+def _import_faiss(backend: str):
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError(f"model.nn_backend {backend!r} needs faiss-cpu (pip install 'fedpatch[faiss]')") from None
+    return faiss
+
+
+def build_faiss_index(bank, backend: str, ivfpq: IvfPqConfig):
+    """A FAISS index over `bank` (M, D) float32 numpy: flat (exact) or IVF-PQ trained on the bank."""
+    faiss = _import_faiss(backend)
+    m, d = bank.shape
+    if backend == "faiss":
+        index = faiss.IndexFlatL2(d)
+        index.add(bank)
+        return index
+    if d % ivfpq.m:
+        raise ConfigError(f"model.ivfpq.m = {ivfpq.m} must divide the feature dimension {d}")
+    if m < max(ivfpq.nlist, 1 << ivfpq.nbits):
+        raise ConfigError(f"a bank of {m} vectors is too small to train IVF-PQ with nlist={ivfpq.nlist}, "
+                          f"nbits={ivfpq.nbits}: lower them or use model.nn_backend: faiss")
+    ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, ivfpq.nlist, ivfpq.m, ivfpq.nbits)
+    ivf.nprobe = min(ivfpq.nprobe, ivfpq.nlist)
+    index = ivf
+    if ivfpq.refine > 0:  # also keeps the full vectors, to re-rank the candidates exactly
+        index = faiss.IndexRefineFlat(ivf)
+        index.k_factor = float(ivfpq.refine)
+    index.train(bank)
+    index.add(bank)
+    return index
 
 
 def _sha256(path: Path) -> str:
@@ -52,15 +92,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 class MemoryBank:
     """(M, D) float32 features with exact (chunked torch) or FAISS nearest-neighbour search."""
 
-    def __init__(self, features: torch.Tensor, metadata: dict[str, Any] | None = None, nn_backend: str = "torch"):
+    def __init__(self, features: torch.Tensor, metadata: dict[str, Any] | None = None, nn_backend: str = "torch",
+                 ivfpq: IvfPqConfig | None = None):
         if features.ndim != 2 or len(features) == 0:
             raise ValueError(f"a memory bank needs a non-empty (M, D) tensor, got {tuple(features.shape)}")
-        if nn_backend not in NN_BACKENDS:
-            raise ConfigError(f"unknown model.nn_backend {nn_backend!r}; choose one of {', '.join(NN_BACKENDS)}")
         self.features = features.float().contiguous()
         self.metadata = dict(metadata or {})
-        self.nn_backend = nn_backend
+        self.set_backend(nn_backend, ivfpq)
+
+    def set_backend(self, nn_backend: str, ivfpq: IvfPqConfig | None = None) -> "MemoryBank":
+        """Choose the NN backend (and IVF-PQ settings); a FAISS index is rebuilt on next use."""
+        if nn_backend not in NN_BACKENDS:
+            raise ConfigError(f"unknown model.nn_backend {nn_backend!r}; choose one of {', '.join(NN_BACKENDS)}")
+        self._nn_backend = nn_backend
+        self.ivfpq = ivfpq or IvfPqConfig()
         self._faiss_index = None
+        return self
+
+    @property
+    def nn_backend(self) -> str:
+        return self._nn_backend
+
+    @nn_backend.setter
+    def nn_backend(self, name: str) -> None:
+        self.set_backend(name, self.ivfpq)
 
     def __len__(self) -> int:
         return len(self.features)
@@ -75,19 +130,14 @@ class MemoryBank:
 
     def nearest(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (Q, D) -> squared Euclidean distances (Q, k) and bank indices (Q, k)."""
-        if self.nn_backend == "faiss":
-            return self._faiss_search(queries, k)
-        return nearest_neighbours(queries, self.features, k, squared=True)
+        if self.nn_backend == "torch":
+            return nearest_neighbours(queries, self.features, k, squared=True)
+        return self._faiss_search(queries, k)
 
     def _faiss_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            import faiss
-        except ImportError:
-            raise ConfigError("model.nn_backend 'faiss' needs faiss-cpu (pip install 'fedpatch[faiss]')") from None
         if self._faiss_index is None:
-            self._faiss_index = faiss.IndexFlatL2(self.dim)
-            self._faiss_index.add(self.features.cpu().numpy())
-        d, i = self._faiss_index.search(queries.float().cpu().numpy(), k)
+            self._faiss_index = build_faiss_index(self.features.cpu().numpy(), self.nn_backend, self.ivfpq)
+        d, i = self._faiss_index.search(queries.detach().float().cpu().contiguous().numpy(), k)
         return torch.from_numpy(d).to(queries.device), torch.from_numpy(i).to(queries.device)
 
     def save(self, path: str | Path) -> tuple[Path, Path]:

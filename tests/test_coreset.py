@@ -96,3 +96,41 @@ def test_coreset_size_rounds_down_like_upstream_but_keeps_one():
 def test_unknown_method_is_config_error():
     with pytest.raises(ConfigError, match="unknown coreset method"):
         greedy_coreset(torch.randn(10, 2), 3, method="fast")
+
+
+def test_bfloat16_storage_picks_like_float32_when_rounding_is_exact():
+    # small integers with zero column means: bf16 holds them, their products and the centring exactly,
+    # so the bf16 path (centring, storage, fp32 norms, the update) must reproduce the fp32 picks
+    torch.manual_seed(5)
+    half = torch.randint(-3, 4, (150, 6)).float()
+    x = torch.cat([half, -half])
+    for method in ("exact", "approximate"):
+        ref = greedy_coreset(x, 30, method=method, projection_dim=None)
+        bf16 = greedy_coreset(x, 30, method=method, projection_dim=None, precision="bfloat16")
+        assert bf16.tolist() == ref.tolist()
+
+
+def test_bfloat16_storage_covers_like_float32_on_real_valued_features():
+    torch.manual_seed(6)
+    centres = torch.randn(12, 256) * 4 + 30  # far from the origin: centring matters
+    x = (centres[torch.randint(0, 12, (3000,))] + torch.randn(3000, 256))
+    fp32 = coverage_radius(x[greedy_coreset(x, 150)], x)
+    bf16_picks = greedy_coreset(x, 150, precision="bfloat16")
+    assert len(set(bf16_picks.tolist())) == 150 and bf16_picks.dtype == torch.long
+    assert coverage_radius(x[bf16_picks], x) <= 1.05 * fp32
+    assert torch.equal(bf16_picks, greedy_coreset(x, 150, precision="bfloat16"))
+
+
+def test_unknown_precision_is_config_error():
+    with pytest.raises(ConfigError, match="precision"):
+        greedy_coreset(torch.randn(10, 2), 3, precision="float16")
+
+
+def test_config_precision_is_validated():
+    from patchcore.config import Config, CoresetConfig, DataConfig, ModelConfig
+
+    ok = Config(data=DataConfig(format="synthetic"), model=ModelConfig(coreset=CoresetConfig(precision="bfloat16")))
+    ok.validate()
+    bad = Config(data=DataConfig(format="synthetic"), model=ModelConfig(coreset=CoresetConfig(precision="half")))
+    with pytest.raises(ConfigError, match="model.coreset.precision"):
+        bad.validate()

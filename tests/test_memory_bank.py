@@ -16,7 +16,7 @@ def test_chunked_nn_equals_brute_force():
     bank, queries = torch.randn(300, 32), torch.randn(257, 32)
     brute = torch.cdist(queries.double(), bank.double())
     ref_d, ref_i = brute.topk(3, dim=1, largest=False)
-    d, i = nearest_neighbours(queries, bank, k=3, max_elements=1000)  # forces many small chunks
+    d, i = nearest_neighbours(queries, bank, k=3, max_bytes=20_000)  # 8 queries a chunk
     assert torch.equal(i, ref_i)
     assert torch.allclose(d.double(), ref_d, atol=1e-4)
     d2, _ = nearest_neighbours(queries, bank, k=1, squared=True)
@@ -84,3 +84,67 @@ def test_same_bank_saved_twice_gives_identical_bytes(tmp_path):
     MemoryBank(feats, {"a": 1}).save(tmp_path / "x")
     MemoryBank(feats, {"a": 1}).save(tmp_path / "y")
     assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
+
+
+def test_chunk_follows_memory_budget_and_stays_exact():
+    from patchcore.distances import chunk_rows
+
+    assert chunk_rows(1000, 4, 8_000_000) == 1000  # 1000 rows x 1000 bank x 4 B x 2 = 8 MB
+    assert chunk_rows(1000, 4, 1) == 1  # never zero
+    torch.manual_seed(1)
+    bank, queries = torch.randn(64, 8), torch.randn(50, 8)
+    ref = torch.cdist(queries.double(), bank.double()).argmin(dim=1)
+    for budget in (1, 3000, None):  # one query a chunk, a few, the device default
+        _, i = nearest_neighbours(queries, bank, k=1, max_bytes=budget)
+        assert torch.equal(i.squeeze(1), ref)
+
+
+def test_unknown_backend_and_missing_faiss_are_config_errors(monkeypatch):
+    from patchcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nn_backend"):
+        MemoryBank(torch.randn(5, 4), nn_backend="annoy")
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # import faiss -> ImportError
+    bank = MemoryBank(torch.randn(5, 4), nn_backend="faiss")
+    with pytest.raises(ConfigError, match="fedpatch\\[faiss\\]"):
+        bank.nearest(torch.randn(2, 4))
+
+
+def test_faiss_flat_equals_torch_exact():
+    pytest.importorskip("faiss")
+    torch.manual_seed(2)
+    feats, queries = torch.randn(400, 32), torch.randn(100, 32)
+    d_ref, i_ref = MemoryBank(feats).nearest(queries, k=2)
+    d, i = MemoryBank(feats, nn_backend="faiss").nearest(queries, k=2)
+    assert torch.equal(i, i_ref) and torch.allclose(d, d_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ivfpq_with_full_probe_and_refine_is_exact_and_validates_settings():
+    pytest.importorskip("faiss")
+    from patchcore.config import IvfPqConfig
+    from patchcore.errors import ConfigError
+
+    torch.manual_seed(3)
+    feats, queries = torch.randn(600, 32), torch.randn(80, 32)
+    d_ref, i_ref = MemoryBank(feats).nearest(queries)
+    # every list probed, every bank row re-ranked exactly: must equal the exact search
+    full = IvfPqConfig(nlist=4, m=8, nbits=4, nprobe=4, refine=600)
+    d, i = MemoryBank(feats, nn_backend="faiss_ivfpq", ivfpq=full).nearest(queries)
+    assert torch.equal(i, i_ref) and torch.allclose(d, d_ref, rtol=1e-4, atol=1e-4)
+    # without re-ranking the distances are PQ approximations: right shape, not all exact
+    approx = MemoryBank(feats, nn_backend="faiss_ivfpq", ivfpq=IvfPqConfig(nlist=4, m=8, nbits=4, nprobe=1))
+    d2, i2 = approx.nearest(queries)
+    assert d2.shape == (80, 1) and i2.dtype == torch.int64 and not torch.allclose(d2, d_ref)
+    with pytest.raises(ConfigError, match="divide"):
+        MemoryBank(feats, nn_backend="faiss_ivfpq", ivfpq=IvfPqConfig(m=7)).nearest(queries)
+    with pytest.raises(ConfigError, match="too small"):
+        MemoryBank(feats[:50], nn_backend="faiss_ivfpq", ivfpq=IvfPqConfig(nlist=64, m=8)).nearest(queries)
+
+
+def test_switching_backend_drops_the_index():
+    pytest.importorskip("faiss")
+    bank = MemoryBank(torch.randn(50, 8), nn_backend="faiss")
+    bank.nearest(torch.randn(3, 8))
+    assert bank._faiss_index is not None
+    bank.nn_backend = "torch"
+    assert bank._faiss_index is None and bank.nn_backend == "torch"
