@@ -42,6 +42,10 @@ BANKS, METRICS, ASSIGNMENT, RELEASE = "banks", "metrics", "assignment", "release
 SCALES_SUFFIX = "#scales"
 
 _CACHE: dict[str, Any] = {"key": None, "plan": None, "model": None, "sites": {}}
+# Sites kept per process (least recently used dropped first). Ray reuses a few actors for all
+# simulated factories: with 100 factories an unbounded dict would keep 100 shards' state per
+# actor. A Site is cheap to rebuild: the backbone is shared and stays loaded.
+MAX_SITES = 8
 
 
 def pack_payloads(payloads: Mapping[str, Payload]) -> tuple[ArrayRecord, ConfigRecord]:
@@ -112,9 +116,12 @@ def site_for(config: ExperimentConfig, factory_id: int) -> Site:
     sites: dict[int, Site] = _CACHE["sites"]
     if factory_id not in sites:
         plan = _CACHE["plan"]
+        while len(sites) >= MAX_SITES:
+            sites.pop(next(iter(sites)))  # the least recently used
         sites[factory_id] = Site(config, plan.shard(factory_id), plan.shifts, model=_CACHE["model"],
                                   root=plan.root)
         _CACHE["model"] = sites[factory_id].model
+    sites[factory_id] = sites.pop(factory_id)  # most recently used last
     return sites[factory_id]
 
 

@@ -1,7 +1,7 @@
 """Per-stage PatchCore numbers on the real shared images, measured in one run.
 
     python experiments/bench_patchcore.py [--root ../shared/data/mvtec] [--category tire]
-        [--backbone efficientnet_lite0] [--weights imagenet] [--repeats 3]
+        [--backbone efficientnet_lite0] [--weights imagenet] [--repeats 3] [--precision float32]
 
 Prints, for one category: backbone forward alone (img/s), feature extraction (forward + patch
 embedding, img/s), coreset selection (s), scoring (img/s), and the ratio of end-to-end
@@ -47,6 +47,7 @@ def main() -> int:
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args()
 
     data = DataConfig(format="mvtec", root=args.root, batch_size=args.batch_size)
@@ -56,7 +57,8 @@ def main() -> int:
     pre = model_preprocess(data)
     decode_s, batches = timed(lambda: {name: [b["image"] for b in make_loader(ImageDataset(rs, pre), args.batch_size)]
                                        for name, rs in (("train", train), ("test", test))})
-    model = PatchCore(ModelConfig(backbone=BackboneConfig(args.backbone, ("layer2", "layer3"), args.weights)), "auto")
+    model = PatchCore(ModelConfig(backbone=BackboneConfig(args.backbone, ("layer2", "layer3"), args.weights),
+                                  precision=args.precision), "auto")
     n_train, n_test = len(train), len(test)
 
     def forward(name: str) -> None:
@@ -75,7 +77,8 @@ def main() -> int:
 
     fwd_per_img = (fwd_train_s + fwd_test_s) / (n_train + n_test)
     e2e_per_img = (extract_s + coreset_s + score_s) / (n_train + n_test)
-    print(f"device {model.device}, torch threads {torch.get_num_threads()}, backbone {args.backbone} ({args.weights})")
+    print(f"device {model.device}, torch threads {torch.get_num_threads()}, backbone {args.backbone} "
+          f"({args.weights}, {args.precision})")
     print(f"category {args.category}: {n_train} train, {n_test} test images; {len(features)} patches -> bank {size}")
     print(f"decode + preprocess      {decode_s:8.2f} s   ({(n_train + n_test) / decode_s:6.1f} img/s)")
     print(f"backbone forward alone   {fwd_train_s + fwd_test_s:8.2f} s   ({(n_train + n_test) / (fwd_train_s + fwd_test_s):6.1f} img/s)")
@@ -84,6 +87,9 @@ def main() -> int:
     print(f"scoring (test)           {score_s:8.2f} s   ({n_test / score_s:6.1f} img/s)")
     print(f"end-to-end fit+predict per image / backbone forward per image: {e2e_per_img / fwd_per_img:.2f}x "
           f"({e2e_per_img * 1e3:.1f} ms vs {fwd_per_img * 1e3:.1f} ms)")
+    total = extract_s + coreset_s + score_s
+    print(f"share of fit+predict: extraction {extract_s / total:.0%}, coreset {coreset_s / total:.0%}, "
+          f"scoring {score_s / total:.0%}")
     return 0
 
 

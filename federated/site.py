@@ -23,6 +23,7 @@ from federated.faults import InjectedFault, apply_to_shard, noise_like, parse_fa
 from federated.partition import FactoryShard
 from federated.payload import Payload, encode
 from federated.privacy import PrivacySpec, privatize
+from patchcore.cache import FeatureCache
 from patchcore.data import ImageRecord, PairTransform
 from patchcore.evaluation import evaluate_scored, loader_for, score_records
 from patchcore.model import PatchCore
@@ -81,6 +82,9 @@ class Site:
         self.model = model or PatchCore(config.model, device=device or config.device,
                                         seed=config.seed)
         self.load_s = time.perf_counter() - start  # backbone construction, once per process
+        # Its own on-disk feature cache (data.cache_dir/<factory>): a rerun skips the backbone.
+        cache_dir = config.data.cache_dir
+        self.cache = FeatureCache(Path(cache_dir) / shard.name) if cache_dir else None
 
     @property
     def factory_id(self) -> int:
@@ -108,7 +112,7 @@ class Site:
             train = self._records("train", category)
             t0 = time.perf_counter()
             features = self.model.extract(loader_for(train, self.config, self.shifts), progress,
-                                          desc=f"{self.shard.name} {category}")  # (N·L, D)
+                                          desc=f"{self.shard.name} {category}", cache=self.cache)  # (N·L, D)
             t1 = time.perf_counter()
             coreset = self.model.subsample(features, f.local_ratio, progress)  # (n, D)
             t2 = time.perf_counter()

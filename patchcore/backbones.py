@@ -29,6 +29,12 @@ from torch import nn
 
 from patchcore.errors import ConfigError, WeightsError
 
+# Backbone forward precision (model.precision). Reduced precision runs under torch.autocast:
+# bfloat16 is the one CPUs accelerate (AVX-512 BF16 / AMX), float16 the one GPUs do.
+PRECISIONS = ("float32", "bfloat16", "float16")
+# channels_last (NHWC) convolutions by default: 1.3-1.5x faster on the CPU here, AUROC unchanged
+# (tire and hazelnut, to 4 decimals; experiments/studies/speed_extraction_scale.md).
+CHANNELS_LAST = True
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (127.0 / 255.0,) * 3
@@ -185,8 +191,11 @@ def build_network(name: str, weights: str, seed: int = 0) -> tuple[nn.Module, Ba
 class FeatureExtractor(nn.Module):
     """Runs a backbone up to its deepest requested stage; returns {layer: (B, C, h, w)}."""
 
-    def __init__(self, name: str, layers: tuple[str, ...] | list[str], weights: str = "imagenet", seed: int = 0):
+    def __init__(self, name: str, layers: tuple[str, ...] | list[str], weights: str = "imagenet", seed: int = 0,
+                 precision: str = "float32", channels_last: bool | None = None):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ConfigError(f"model.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if not layers:
             raise ConfigError("model.backbone.layers must name at least one layer")
         network, spec = build_network(name, weights, seed)
@@ -200,21 +209,37 @@ class FeatureExtractor(nn.Module):
                 raise ConfigError(f"unknown layer {layer!r} for backbone {name} (model.backbone.layers); valid: {', '.join(valid)}")
         deepest = max(names.index(t) for t in resolved.values())
         self.name, self.layers, self.resolved = name, tuple(layers), resolved
+        self.precision = precision
+        self.channels_last = CHANNELS_LAST if channels_last is None else bool(channels_last)
         self.stages = nn.ModuleDict({n: m for n, m in stages[: deepest + 1]})
+        if self.channels_last:  # NHWC convolutions: what oneDNN (CPU) and cuDNN prefer
+            self.stages.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.eval()
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images (B, 3, H, W) with values in [0, 1] -> {layer: (B, C, h, w)}."""
+        """images (B, 3, H, W) with values in [0, 1] -> {layer: (B, C, h, w)} float32, contiguous.
+
+        With a reduced `precision` the stages run under autocast and the maps come back as
+        float32, so the patch embedding that follows always computes in float32."""
         x = (images - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         wanted = {t: layer for layer, t in self.resolved.items()}
         out: dict[str, torch.Tensor] = {}
-        for name, stage in self.stages.items():
-            x = stage(x)
-            if name in wanted:
-                out[wanted[name]] = x
-        return {layer: out[layer] for layer in self.layers}
+        with self.autocast(x.device):
+            for name, stage in self.stages.items():
+                x = stage(x)
+                if name in wanted:
+                    out[wanted[name]] = x
+        return {layer: out[layer].float().contiguous() for layer in self.layers}
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast to the configured reduced precision on `device`; a no-op for float32."""
+        if self.precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=getattr(torch, self.precision))
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         return super().train(False)  # BatchNorm statistics must never move

@@ -37,6 +37,20 @@ class CoresetConfig:
     method: str = "approximate"  # "approximate" | "exact"
     projection_dim: int | None = 128
     num_starts: int = 10
+    # float32: exact arithmetic, the reference picks. bfloat16: the projected matrix stored in
+    # bf16 (half the memory traffic per step), fp32 norms and minima; see patchcore/coreset.py.
+    precision: str = "float32"
+
+
+@dataclass(frozen=True)
+class IvfPqConfig:
+    """FAISS IVF-PQ index (model.nn_backend: faiss_ivfpq): approximate, compressed NN search."""
+
+    nlist: int = 64  # inverted lists (k-means cells) trained on the bank
+    m: int = 64  # PQ sub-quantizers; must divide the feature dimension
+    nbits: int = 8  # bits per sub-quantizer code
+    nprobe: int = 8  # lists visited per query
+    refine: int = 0  # > 0: re-rank k×refine candidates by exact distance (keeps the full bank)
 
 
 @dataclass(frozen=True)
@@ -60,8 +74,11 @@ class ModelConfig:
     # Image AUROC is identical either way; pixel maps differ slightly after smoothing.
     score_distance: str = "squared_l2"  # "squared_l2" | "l2"
     smoothing_sigma: float = 4.0
-    nn_backend: str = "torch"  # "torch" | "faiss"
+    nn_backend: str = "torch"  # "torch" | "faiss" | "faiss_ivfpq"
+    ivfpq: IvfPqConfig = field(default_factory=IvfPqConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
+    # Backbone forward under autocast: bfloat16 on CPU, float16 on CUDA (float32: exact, default).
+    precision: str = "float32"  # "float32" | "bfloat16" | "float16"
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,8 @@ class DataConfig:
     evaluate_at_original: bool = False
     batch_size: int = 8
     num_workers: int = 0
+    # Per-factory on-disk cache of patch embeddings (patchcore/cache.py); "" = off.
+    cache_dir: str = ""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -110,7 +129,12 @@ class Config:
             (0.0 < self.model.coreset.ratio <= 1.0, "model.coreset.ratio", "must be in (0, 1]"),
             (self.model.coreset.method in ("approximate", "exact"), "model.coreset.method", "must be approximate or exact"),
             (self.model.score_distance in ("squared_l2", "l2"), "model.score_distance", "must be squared_l2 or l2"),
-            (self.model.nn_backend in ("torch", "faiss"), "model.nn_backend", "must be torch or faiss"),
+            (self.model.coreset.precision in ("float32", "bfloat16"), "model.coreset.precision", "must be float32 or bfloat16"),
+            (self.model.nn_backend in ("torch", "faiss", "faiss_ivfpq"), "model.nn_backend", "must be torch, faiss or faiss_ivfpq"),
+            (min(self.model.ivfpq.nlist, self.model.ivfpq.m, self.model.ivfpq.nprobe) >= 1
+             and 1 <= self.model.ivfpq.nbits <= 16 and self.model.ivfpq.refine >= 0,
+             "model.ivfpq", "needs nlist, m, nprobe >= 1, nbits in [1, 16], refine >= 0"),
+            (self.model.precision in ("float32", "bfloat16", "float16"), "model.precision", "must be float32, bfloat16 or float16"),
             (self.model.patch_size >= 1 and self.model.patch_size % 2 == 1, "model.patch_size", "must be odd and >= 1"),
             (self.model.num_neighbours >= 1, "model.num_neighbours", "must be >= 1"),
             (self.model.smoothing_sigma >= 0, "model.smoothing_sigma", "must be >= 0"),

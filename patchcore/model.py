@@ -16,9 +16,11 @@ from tqdm.auto import tqdm
 
 from patchcore.anomaly_map import to_pixel_maps
 from patchcore.backbones import FeatureExtractor
+from patchcore.cache import FeatureCache
 from patchcore.config import ModelConfig, build, to_dict
 from patchcore.coreset import coreset_size, greedy_coreset
 from patchcore.errors import BankFormatError, ConfigError
+from patchcore.extraction import extract_features
 from patchcore.features import embed
 from patchcore.memory_bank import MemoryBank
 from patchcore.transform import FeatureTransform
@@ -64,9 +66,11 @@ class PatchCore:
         self.seed = seed
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         bb = config.backbone
-        self.extractor = FeatureExtractor(bb.name, bb.layers, bb.weights, seed=seed).to(self.device)
+        self.extractor = FeatureExtractor(bb.name, bb.layers, bb.weights, seed=seed,
+                                          precision=config.precision).to(self.device)
         self.transform = feature_transform(config)
         self.bank: MemoryBank | None = None
+        self.cache: FeatureCache | None = None  # on-disk embeddings (data.cache_dir), used by extract
 
     @property
     def backbone_id(self) -> str:
@@ -84,12 +88,12 @@ class PatchCore:
             emb = self.transform(emb.reshape(b * n, d)).reshape(b, n, -1)
         return emb, grid
 
-    def extract(self, loader: Iterable[Any], progress: bool = True, desc: str = "extract") -> torch.Tensor:
-        """All patch embeddings of a loader's images, (N·h·w, D) float32 on the device."""
-        chunks = [self.embed(_images(b))[0].flatten(0, 1) for b in tqdm(loader, desc=desc, disable=not progress)]
-        if not chunks:
-            raise ConfigError("no training images to fit on")
-        return torch.cat(chunks)
+    def extract(self, loader: Iterable[Any], progress: bool = True, desc: str = "extract",
+                out: Any = None, cache: FeatureCache | None = None) -> torch.Tensor:
+        """All patch embeddings of a loader's images, (N·h·w, D) float32 on the device. `out`: a
+        preallocated (N·h·w, D) array (e.g. an np.memmap) filled instead; `cache` (default
+        self.cache): per-image on-disk embeddings, so only uncached images reach the backbone."""
+        return extract_features(self, loader, progress, desc, out=out, cache=cache or self.cache)
 
     def subsample(self, features: torch.Tensor, ratio: float | None = None, progress: bool = True) -> torch.Tensor:
         """The greedy coreset of `features` (N, D) at `ratio` (default: the configured one)."""
@@ -97,7 +101,7 @@ class PatchCore:
         size = coreset_size(len(features), c.ratio if ratio is None else ratio)
         idx = greedy_coreset(
             features, size, method=c.method, projection_dim=c.projection_dim,
-            num_starts=c.num_starts, seed=self.seed, progress=progress,
+            num_starts=c.num_starts, seed=self.seed, precision=c.precision, progress=progress,
         )
         return features[idx]
 
@@ -110,7 +114,7 @@ class PatchCore:
         """Install (M, D) features as the bank, with the metadata needed to rebuild the model."""
         meta = {"model": to_dict(self.config), "seed": self.seed, "backbone_id": self.backbone_id, **extra}
         meta.update(metadata or {})
-        self.bank = MemoryBank(features, meta, nn_backend=self.config.nn_backend).to(self.device)
+        self.bank = MemoryBank(features, meta, nn_backend=self.config.nn_backend, ivfpq=self.config.ivfpq).to(self.device)
         return self.bank
 
     @torch.inference_mode()
@@ -157,5 +161,5 @@ class PatchCore:
             raise BankFormatError(f"bank features have {bank.dim} dims; the model's embeddings have "
                                   f"{model.transform.out_dim} (model.target_embed_dim / model.transform.projection_dim)")
         model.bank = bank.to(model.device)
-        model.bank.nn_backend = config.nn_backend
+        model.bank.set_backend(config.nn_backend, config.ivfpq)
         return model

@@ -65,3 +65,17 @@ def test_resize_grid_identity_and_shape():
     x = torch.randn(2, 16, 5)
     assert resize_grid(x, (4, 4), (4, 4)) is x
     assert resize_grid(x, (4, 4), (8, 8)).shape == (2, 64, 5)
+
+
+def test_convolution_route_equals_patch_route_for_lite_and_resnet_shapes():
+    from patchcore.features import embed_by_convolution, embed_by_patches
+
+    torch.manual_seed(0)
+    cases = [([torch.randn(2, 40, 12, 12), torch.randn(2, 112, 6, 6)], 64, 48),  # Lite-like, upsampling pools
+             ([torch.randn(1, 96, 8, 8), torch.randn(1, 160, 4, 4), torch.randn(1, 64, 2, 2)], 100, 70)]  # 3 layers, bins straddle layers
+    for maps, pre, target in cases:
+        a, grid_a = embed_by_patches(maps, 3, pre, target)
+        b, grid_b = embed_by_convolution(maps, 3, pre, target)
+        assert grid_a == grid_b and a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(b, torch.zeros_like(b))

@@ -41,7 +41,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _shift_for(self, record: ImageRecord) -> PairTransform | None:
+    def shift_for(self, record: ImageRecord) -> PairTransform | None:
         if record.domain is None:
             return None
         return self.pair_transforms.get(record.domain)
@@ -52,7 +52,7 @@ class ImageDataset(Dataset):
         width, height = image.size
         mask = (union_mask(record.mask_paths, image.size, image=record.path)
                 if record.mask_paths else None)
-        shift = self._shift_for(record)
+        shift = self.shift_for(record)
         if shift is not None:
             image, mask = shift(image, mask)
         image_tensor = self.preprocess.image(image)  # (3, h, w)
