@@ -121,7 +121,8 @@ def privacy_curve(rows: Sequence[Mapping], path: Path) -> Path:
     ax.minorticks_off()
     ax.set(xlabel="ε per released vector (δ fixed)", ylabel="AUROC",
            title="privacy vs utility (dotted: centralized, clipped, image AUROC)")
-    ax.set_ylim(0.4, 1.02)
+    values = [r[m] for r in federated for m in ("image_auroc", "pixel_auroc") if r.get(m) is not None]
+    ax.set_ylim(max(0.0, min(values, default=0.4) - 0.05), 1.02)
     ax.legend(fontsize=8, ncol=2)
     return _save(fig, path)
 

@@ -321,7 +321,9 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
         if v is None:
             return ""
         if isinstance(v, float):
-            return "∞" if math.isinf(v) else (f"{v:.4f}" if abs(v) < 10 else f"{v:.4g}")
+            if math.isinf(v):
+                return "∞"
+            return f"{v:.4f}" if 1e-3 <= abs(v) < 10 or v == 0 else f"{v:.4g}"
         return str(v)
 
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
