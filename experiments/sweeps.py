@@ -246,7 +246,11 @@ def sweep_encoding(base: ExperimentConfig, replay: Replay, encodings=ENCODINGS) 
     plain = _variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
     rows = _row("centralized", replay.score(plain, replay.centralized(plain, list(factories))),
                 method="centralized")
-    for dtype, dim in encodings:
+    skipped = [dim for _, dim in encodings if dim is not None and dim >= base.model.target_embed_dim]
+    if skipped:
+        print(f"projections to {skipped} dims skipped: not below model.target_embed_dim "
+              f"({base.model.target_embed_dim})")
+    for dtype, dim in (e for e in encodings if e[1] not in skipped):
         transform = dataclasses.replace(base.model.transform, projection_dim=dim, projection_seed=base.seed)
         config = _variant(plain, **{"federation.payload_dtype": dtype, "model.transform": transform})
         banks, report = replay.federated(config, factories)
