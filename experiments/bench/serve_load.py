@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,13 +25,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from experiments.local_server import free_port, stop
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fit_default_bank(work: Path) -> tuple[Path, Path]:
@@ -129,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             health = wait_healthy(base, server)
             stats = run_load(base, images, args.n, args.concurrency, not args.no_heatmap)
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop(server, timeout=15)
     print(f"bank {bank.name} on {health['device']}, {len(images)} distinct images, concurrency {args.concurrency}, "
           f"heatmap {'off' if args.no_heatmap else 'on'}")
     print(f"requests {stats['count']}  errors {stats['errors']}  "

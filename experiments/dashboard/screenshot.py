@@ -20,7 +20,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.dashboard.launch import command
+from experiments.local_server import free_port, stop
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -42,12 +42,6 @@ READY_JS = """(() => !!document.querySelector('[data-testid="stApp"]')
   && !document.querySelector('[data-testid="stSkeleton"]'))()"""
 FEDERATION_TAB_JS = """(() => { const tabs = [...document.querySelectorAll('[role="tab"]')];
   const tab = tabs.find(t => t.innerText.includes('Federation')); if (tab) tab.click(); return !!tab; })()"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -178,12 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_healthy(url, server)
         shots = take(url, Path(args.out), args.chromium, (args.width, args.height))
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, timeout=20)
     print("screenshots: " + ", ".join(str(p) for p in shots))
     return 0
 
