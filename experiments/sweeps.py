@@ -47,7 +47,7 @@ from patchcore.config import TransformConfig, load_config, to_dict
 from patchcore.coreset import coreset_size, greedy_coreset
 from patchcore.errors import ConfigError
 from patchcore.evaluation import ScoredSet, loader_for
-from patchcore.memory_bank import atomic_write_bytes
+from patchcore.memory_bank import MemoryBank, atomic_write_bytes
 from patchcore.model import PatchCore, backbone_id, feature_transform
 
 KINDS = ("privacy", "encoding", "poisoning")
@@ -106,7 +106,6 @@ class Replay:
 
     def __init__(self, config: ExperimentConfig, data: Extracted, progress: bool) -> None:
         self.config, self.data, self.progress = config, data, progress
-        self.device = torch.device("cpu")
         self._coresets: dict[tuple, torch.Tensor] = {}
 
     def _transformed(self, x: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
@@ -166,8 +165,6 @@ class Replay:
 
     def score(self, config: ExperimentConfig, banks: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
         """Metrics per category of `banks` on the extracted test set (queries transformed alike)."""
-        from patchcore.memory_bank import MemoryBank
-
         model = _Scorer(config)
         out = {}
         for category, bank in sorted(banks.items()):
