@@ -47,9 +47,12 @@ def feature_transform(config: ModelConfig) -> FeatureTransform:
 
 def backbone_id(config: ModelConfig) -> str:
     """Identifies the feature space: banks and payloads are only comparable within one id
-    (backbone, layers, patch size, embedding size, and any projection or clipping)."""
+    (backbone, layers, patch size, embedding size, reduced backbone precision, and any projection
+    or clipping). float32, the default, adds nothing, so fp32 ids are those of earlier versions."""
     bb = config.backbone
     base = f"{bb.name}:{'+'.join(bb.layers)}:p{config.patch_size}:d{config.target_embed_dim}"
+    if config.precision != "float32":  # bf16 moves Lite0 embeddings by ~10%: another space
+        base += f":{config.precision}"
     tag = feature_transform(config).tag()
     return f"{base}:{tag}" if tag else base
 
@@ -96,14 +99,17 @@ class PatchCore:
         return extract_features(self, loader, progress, desc, out=out, cache=cache or self.cache)
 
     def subsample(self, features: torch.Tensor, ratio: float | None = None, progress: bool = True) -> torch.Tensor:
-        """The greedy coreset of `features` (N, D) at `ratio` (default: the configured one)."""
+        """The greedy coreset of `features` (N, D) at `ratio` (default: the configured one), float32.
+
+        `features` may be a float16 or memory-mapped store (`extract(out=...)`): the projection
+        reads it block by block and only the picked rows are gathered."""
         c = self.config.coreset
         size = coreset_size(len(features), c.ratio if ratio is None else ratio)
         idx = greedy_coreset(
             features, size, method=c.method, projection_dim=c.projection_dim,
             num_starts=c.num_starts, seed=self.seed, precision=c.precision, progress=progress,
         )
-        return features[idx]
+        return features[idx].float()
 
     def fit(self, loader: Iterable[Any], progress: bool = True, metadata: dict[str, Any] | None = None) -> MemoryBank:
         """Extract, subsample, and keep the memory bank."""

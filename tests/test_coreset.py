@@ -134,3 +134,40 @@ def test_config_precision_is_validated():
     bad = Config(data=DataConfig(format="synthetic"), model=ModelConfig(coreset=CoresetConfig(precision="half")))
     with pytest.raises(ConfigError, match="model.coreset.precision"):
         bad.validate()
+
+
+def test_approximate_mode_identical_to_reference_loop_over_many_argmax_blocks():
+    """N = 3000 spans three 1024-value blocks of the two-stage argmax, the last one padded."""
+    torch.manual_seed(11)
+    x = torch.randn(3000, 200)
+    xp = x @ random_projection(200, 128, 0).T
+    starts = torch.randperm(3000, generator=torch.Generator().manual_seed(1))[:10]
+    init = torch.cdist(xp, xp[starts]).mean(dim=1)
+    ours = greedy_coreset(x, 120, method="approximate", seed=0).tolist()
+    assert ours == _reference_loop(xp, 120, init)
+
+
+def test_two_stage_argmax_is_torch_argmax_including_ties():
+    from patchcore.coreset import _Argmax
+
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 7, 1024, 1025, 5000):
+        v = torch.randint(0, 6, (n,), generator=gen).float()  # many ties: the first index must win
+        arg = _Argmax(v, block=64)
+        out = torch.empty(1, dtype=torch.long)
+        for _ in range(5):
+            assert int(arg(out)) == int(torch.argmax(v)) and int(out) == int(torch.argmax(v))
+            arg.values[int(out)] = -1.0  # lower the current max, as a pick does
+            v[int(out)] = -1.0
+        assert torch.equal(arg.values, v) and arg.buffer[n:].eq(float("-inf")).all()
+
+
+def test_projection_in_row_blocks_equals_one_product_and_accepts_half_precision():
+    torch.manual_seed(6)
+    x = torch.randn(1000, 300)
+    whole = x @ random_projection(300, 128, 3).T
+    blocks = project(x, 128, 3, chunk_bytes=4 * 300 * 77)  # 77 rows a block, a ragged last block
+    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-5)
+    half = project(x.half(), 128, 3, chunk_bytes=4 * 300 * 100)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, x.half().float() @ random_projection(300, 128, 3).T, rtol=1e-5, atol=1e-5)

@@ -149,6 +149,10 @@ def test_extract_into_a_memmap_store(model, records, tmp_path):
     half = open_store(tmp_path / "half.npy", rows, expected.shape[1], "float16")
     got16 = model.extract(loader(records), progress=False, out=half)
     assert torch.allclose(got16.float(), expected, rtol=1e-3, atol=1e-3)
+    bank = model.subsample(got16, ratio=0.2, progress=False)  # straight from the fp16 memmap
+    assert bank.dtype == torch.float32 and len(bank) == max(1, int(rows * 0.2))
+    stored = {row.tobytes() for row in got16.float().numpy()}
+    assert all(row.tobytes() in stored for row in bank.numpy())  # every bank row is a stored row, exactly
     short = open_store(tmp_path / "short.npy", rows - 1, expected.shape[1], "float32")
     with pytest.raises(ConfigError, match="rows"):
         model.extract(loader(records), progress=False, out=short)

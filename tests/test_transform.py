@@ -49,6 +49,9 @@ def test_backbone_id_names_the_transform_and_the_bank_must_match():
                                     "transform": {"projection_dim": 64, "clip_norm": 100.0}})
     assert backbone_id(plain) == "efficientnet_lite0:layer2+layer3:p3:d1024"
     assert backbone_id(projected) == "efficientnet_lite0:layer2+layer3:p3:d1024:rp64s0:clip100"
+    bf16 = build(ModelConfig, {"backbone": {"name": "efficientnet_lite0", "weights": "none"}, "precision": "bfloat16",
+                               "transform": {"projection_dim": 64, "clip_norm": 100.0}})
+    assert backbone_id(bf16) == "efficientnet_lite0:layer2+layer3:p3:d1024:bfloat16:rp64s0:clip100"  # not mixed with fp32
     model = PatchCore(projected, device="cpu")
     emb, grid = model.embed(torch.rand(2, 3, 64, 64))
     assert emb.shape == (2, grid[0] * grid[1], 64) and float(emb.norm(dim=-1).max()) <= 100 + 1e-3
