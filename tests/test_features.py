@@ -79,3 +79,42 @@ def test_convolution_route_equals_patch_route_for_lite_and_resnet_shapes():
         assert grid_a == grid_b and a.shape == b.shape
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         assert not torch.equal(b, torch.zeros_like(b))
+
+
+def test_wide_resnet_kernels_read_one_and_two_channels_with_the_hand_derived_weights():
+    """WRN50-2 layer2 (512 ch) and layer3 (1024 ch), 1024 pretrain bins, 1024 outputs.
+    Layer2: output i averages bins 2i = taps [0, 5) and 2i+1 = taps [4, 9) of channel i, so its
+    3x3 kernel is (1,1,1,1,2,1,1,1,1)/10 on channel i alone. Layer3: bin b = channel b's 9 taps,
+    output 512+i averages bins 2i and 2i+1: 1/18 on every tap of channels 2i and 2i+1."""
+    from patchcore.features import _layer_kernels
+
+    (w2, i2, a0, a1), (w3, i3, b0, b1) = _layer_kernels((512, 1024), 3, 1024, 1024)
+    assert (a0, a1, b0, b1) == (0, 512, 512, 1024)
+    assert w2.shape == (512, 1, 3, 3) and torch.equal(i2[:, 0], torch.arange(512))
+    expected = torch.tensor([1, 1, 1, 1, 2, 1, 1, 1, 1], dtype=torch.float32).reshape(3, 3) / 10
+    torch.testing.assert_close(w2[:, 0], expected.expand(512, 3, 3), rtol=0, atol=1e-7)
+    assert w3.shape == (512, 2, 3, 3) and torch.equal(i3, torch.arange(1024).reshape(512, 2))
+    torch.testing.assert_close(w3, torch.full((512, 2, 3, 3), 1 / 18), rtol=0, atol=1e-7)
+
+
+def test_grouped_kernels_equal_the_patch_route_on_wide_resnet_shapes():
+    from patchcore.features import embed_by_convolution, embed_by_patches
+
+    torch.manual_seed(1)
+    maps = [torch.randn(1, 512, 8, 8), torch.randn(1, 1024, 4, 4)]
+    a, grid_a = embed_by_patches(maps, 3, 1024, 1024)
+    b, grid_b = embed_by_convolution(maps, 3, 1024, 1024)
+    assert grid_a == grid_b == (8, 8) and a.shape == b.shape == (1, 64, 1024)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_and_grouped_kernels_agree_whichever_the_threshold_picks(monkeypatch):
+    import patchcore.features as features
+
+    torch.manual_seed(3)
+    maps = [torch.randn(2, 40, 12, 12), torch.randn(2, 112, 6, 6)]  # Lite-like: dense by default
+    reference, _ = features.embed_by_patches(maps, 3, 1024, 1024)
+    for threshold in (0, 128, 10**9):  # all grouped, the default choice, all dense
+        monkeypatch.setattr(features, "GROUPED_MIN_SAVING", threshold)
+        got, _ = features.embed_by_convolution(maps, 3, 1024, 1024)
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
