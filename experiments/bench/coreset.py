@@ -1,8 +1,8 @@
 """Greedy k-center coreset: ours (fp32, bf16) against anomalib's KCenterGreedy on the same features.
 
     python -m experiments.bench.coreset [--features /tmp/fedpatch-bench/tire_train.npy]
-        [--ratio 0.1] [--limit N] [--repeats 3] [--projection-dims 128 ...]
-        [--anomalib-python /tmp/anomalib-venv/bin/python] [--anomalib-limit 100000]
+        [--ratio 0.1] [--limit N] [--seeds 0 1 2] [--variants 128:float32 128:bfloat16 256:float32]
+        [--anomalib-python /tmp/anomalib-venv/bin/python] [--threads N]
 
 The features are real EfficientNet-Lite0 patch embeddings of the shared tire training images
 (configs/shared_real.yaml, category tire, ~164k x 1024), extracted once with
@@ -10,7 +10,11 @@ The features are real EfficientNet-Lite0 patch embeddings of the shared tire tra
 not a dependency of fedpatch: its sampler runs in a subprocess of another interpreter (its own
 venv) on the same .npy file and returns its picks; every coverage radius (max over all points of
 the distance to the nearest pick) is computed here, in the original space, by one function.
-Timings of ours are medians of `--repeats` runs; anomalib's is one run (it takes minutes).
+Every method runs once per seed (ours: projection matrix and starting points; anomalib: its
+sparse projection via numpy's global seed and its random first pick via torch's); the table
+gives, per method, the median seconds and the median radius over the seeds, and the ratios of
+those medians to anomalib's. A greedy k-center radius is the max of N distances: it moves by a
+few percent from one seed to the next, so one seed cannot settle a 1% question.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ ANOMALIB_SCRIPT = r"""
 import sys, time, json, numpy as np, torch
 from anomalib.models.components.sampling import KCenterGreedy
 feats = torch.from_numpy(np.load(sys.argv[1])).float()
-torch.manual_seed(int(sys.argv[4]))
+np.random.seed(int(sys.argv[4]))  # its SparseRandomProjection draws from numpy's global state
+torch.manual_seed(int(sys.argv[4]))  # its first pick
 if len(sys.argv) > 5 and int(sys.argv[5]) > 0:
     torch.set_num_threads(int(sys.argv[5]))
 sampler = KCenterGreedy(embedding=feats, sampling_ratio=float(sys.argv[2]))
@@ -92,20 +97,16 @@ def radius(features: torch.Tensor, picks: torch.Tensor) -> float:
     return coverage_radius(features[picks], features)
 
 
-def run_ours(features: torch.Tensor, size: int, repeats: int, **kwargs) -> dict:
+def run_ours(features: torch.Tensor, size: int, **kwargs) -> dict:
     from patchcore.coreset import greedy_coreset
 
-    times, picks = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        picks = greedy_coreset(features, size, **kwargs)
-        times.append(time.perf_counter() - start)
-        print(f"  {kwargs}: {times[-1]:.1f} s", flush=True)
-    return {"seconds": statistics.median(times), "all_seconds": times, "picks": picks}
+    start = time.perf_counter()
+    picks = greedy_coreset(features, size, **kwargs)
+    return {"seconds": time.perf_counter() - start, "picks": picks}
 
 
 def run_anomalib(python: str, npy: Path, ratio: float, seed: int, threads: int | None) -> dict:
-    out = npy.with_name(npy.stem + "_anomalib_picks.npy")
+    out = npy.with_name(npy.stem + f"_anomalib_picks_{seed}.npy")
     cmd = [python, "-c", ANOMALIB_SCRIPT, str(npy), str(ratio), str(out), str(seed), str(threads or 0)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -115,21 +116,26 @@ def run_anomalib(python: str, npy: Path, ratio: float, seed: int, threads: int |
     return info
 
 
+def parse_variant(text: str) -> tuple[int | None, str]:
+    """'128:float32' -> (128, 'float32'); 'none:float32' -> no projection."""
+    dim, _, precision = text.partition(":")
+    return (None if dim == "none" else int(dim)), (precision or "float32")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=Path, default=None, help="(N, D) float32 .npy; default: tire train cache")
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--limit", type=int, default=None, help="first N rows of a seeded shuffle")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--projection-dims", type=int, nargs="+", default=[128],
-                        help="the first in fp32 and bf16 (repeated), the others fp32 once")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["128:float32", "128:bfloat16", "256:float32"],
+                        help="ours, as PROJECTION_DIM:PRECISION (128:float32 is the paper default)")
     parser.add_argument("--num-starts", type=int, default=10)
     parser.add_argument("--anomalib-python", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (1 avoids OpenMP barrier stalls on a shared, oversubscribed machine)")
+                        help="torch CPU threads for every method (default: torch's, all cores)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     if args.threads:
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if npy.is_file():
             feats = np.load(npy)
         else:
-            keep = np.random.default_rng(args.seed).permutation(len(feats))[: args.limit]
+            keep = np.random.default_rng(0).permutation(len(feats))[: args.limit]
             feats = feats[np.sort(keep)]
             np.save(npy, feats)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -150,38 +156,44 @@ def main(argv: list[str] | None = None) -> int:
     from patchcore.coreset import coreset_size
 
     size = coreset_size(len(x), args.ratio)
-    print(f"features {tuple(x.shape)} from {npy}, {size} picks, device {device}, threads {torch.get_num_threads()}")
-    rows: dict[str, dict] = {}
-    for j, dim in enumerate(args.projection_dims):  # the first dim in both precisions, repeated
-        for precision in ("float32", "bfloat16") if j == 0 else ("float32",):
+    print(f"features {tuple(x.shape)} from {npy}, {size} picks, device {device}, threads {torch.get_num_threads()}, "
+          f"seeds {args.seeds}", flush=True)
+    runs: dict[str, list[dict]] = {}
+    for seed in args.seeds:  # seed by seed, every method in turn: a busy neighbour slows all alike
+        for variant in args.variants:
+            dim, precision = parse_variant(variant)
             name = f"ours p{dim} {precision}"
-            rows[name] = run_ours(x, size, args.repeats if j == 0 else 1, projection_dim=dim,
-                                  num_starts=args.num_starts, seed=args.seed, precision=precision)
-            print(f"{name}: {rows[name]['all_seconds']}", flush=True)
-    if args.anomalib_python:
-        rows["anomalib KCenterGreedy"] = run_anomalib(args.anomalib_python, Path(npy), args.ratio, args.seed, args.threads)
-    report(x, size, rows, args.json)
+            row = run_ours(x, size, projection_dim=dim, num_starts=args.num_starts, seed=seed, precision=precision)
+            row["radius"] = radius(x, row["picks"].to(x.device))
+            runs.setdefault(name, []).append(row)
+            print(f"  seed {seed} {name}: {row['seconds']:.2f} s, radius {row['radius']:.4f}", flush=True)
+        if args.anomalib_python:
+            row = run_anomalib(args.anomalib_python, Path(npy), args.ratio, seed, args.threads)
+            row["radius"] = radius(x, row["picks"].to(x.device))
+            runs.setdefault("anomalib KCenterGreedy", []).append(row)
+            print(f"  seed {seed} anomalib {row['version']}: {row['seconds']:.2f} s, radius {row['radius']:.4f}",
+                  flush=True)
+    report(x, size, runs, args.json)
     return 0
 
 
-def report(x: torch.Tensor, size: int, rows: dict[str, dict], json_path: Path | None) -> None:
-    ref = rows.get("anomalib KCenterGreedy")
+def report(x: torch.Tensor, size: int, runs: dict[str, list[dict]], json_path: Path | None) -> None:
     out = []
-    for name, row in rows.items():
-        r = radius(x, row["picks"].to(x.device))
-        entry = {"method": name, "seconds": row["seconds"], "ms_per_step": 1e3 * row["seconds"] / size,
-                 "coverage_radius": r, "repeats": row.get("all_seconds", [row["seconds"]])}
-        if ref is not None:
-            entry["speedup_vs_anomalib"] = ref["seconds"] / row["seconds"]
-        out.append(entry)
-    if ref is not None:
-        ref_r = next(e["coverage_radius"] for e in out if e["method"] == "anomalib KCenterGreedy")
-        for e in out:
-            e["radius_vs_anomalib"] = e["coverage_radius"] / ref_r
-    print(f"{'method':28s} {'seconds':>9s} {'ms/step':>8s} {'radius':>9s} {'speedup':>8s} {'radius/anom':>11s}")
+    for name, rows in runs.items():
+        seconds = statistics.median(r["seconds"] for r in rows)
+        out.append({"method": name, "seconds": seconds, "ms_per_step": 1e3 * seconds / size,
+                    "coverage_radius": statistics.median(r["radius"] for r in rows),
+                    "per_seed_seconds": [r["seconds"] for r in rows], "per_seed_radius": [r["radius"] for r in rows]})
+    ref = next((e for e in out if e["method"] == "anomalib KCenterGreedy"), None)
+    for e in out:
+        e["speedup_vs_anomalib"] = ref["seconds"] / e["seconds"] if ref else float("nan")
+        e["radius_vs_anomalib"] = e["coverage_radius"] / ref["coverage_radius"] if ref else float("nan")
+    print(f"{'method (medians over seeds)':28s} {'seconds':>9s} {'ms/step':>8s} {'radius':>9s} {'speedup':>8s} "
+          f"{'radius/anom':>11s}  radius per seed")
     for e in out:
         print(f"{e['method']:28s} {e['seconds']:9.2f} {e['ms_per_step']:8.3f} {e['coverage_radius']:9.4f} "
-              f"{e.get('speedup_vs_anomalib', float('nan')):8.1f} {e.get('radius_vs_anomalib', float('nan')):11.4f}")
+              f"{e['speedup_vs_anomalib']:8.1f} {e['radius_vs_anomalib']:11.4f}  "
+              + " ".join(f"{r:.2f}" for r in e["per_seed_radius"]))
     if json_path:
         json_path.write_text(json.dumps({"n": len(x), "dim": x.shape[1], "picks": size, "rows": out}, indent=2))
 
