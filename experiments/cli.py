@@ -45,12 +45,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from federated.config import ExperimentConfig
     from patchcore.config import load_config
     from patchcore.data.sources import categories, data_root, load_records
+    from patchcore.cache import FeatureCache
     from patchcore.model import PatchCore
 
     config = load_config(args.config, ExperimentConfig, _overrides(args))
     root = data_root(config.data, config.seed)
     records = {c: load_records(config.data, root, c) for c in categories(config.data, root)}  # validate all first
     model = PatchCore(config.model, device=config.device, seed=config.seed)  # backbone, layers, weights
+    model.cache = FeatureCache.under(config.data.cache_dir, "central")
     run_dir = new_run_dir(config.output_dir, "fit", args.out)
     write_config(run_dir, config)
     manifest = Manifest(run_dir, config, "fit")

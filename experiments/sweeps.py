@@ -43,6 +43,7 @@ from federated.payload import raw_feature_bytes
 from federated.plan import FactoryPlan, plan_factories
 from federated.server_logic import aggregate_all
 from federated.site import make_payload
+from patchcore.cache import FeatureCache
 from patchcore.config import TransformConfig, load_config, to_dict
 from patchcore.coreset import coreset_size, greedy_coreset
 from patchcore.errors import ConfigError
@@ -79,6 +80,8 @@ def extract(config: ExperimentConfig, plan: FactoryPlan, model: PatchCore, poiso
     hostile = apply_to_shard(shards[poisoner], "defects") if poisoner is not None else None
     used = {r.path for r in hostile.train} if hostile else set()
     for shard in shards + ([dataclasses.replace(hostile, factory_id=-1)] if hostile else []):
+        owner = shard if shard.factory_id >= 0 else shards[poisoner]  # the hostile copy is the poisoner's
+        model.cache = FeatureCache.under(config.data.cache_dir, owner.name)  # the factory's own folder
         for category in plan.categories:
             train = [r for r in shard.train if r.category == category]
             if train:

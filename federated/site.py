@@ -84,7 +84,7 @@ class Site:
         self.load_s = time.perf_counter() - start  # backbone construction, once per process
         # Its own on-disk feature cache (data.cache_dir/<factory>): a rerun skips the backbone.
         cache_dir = config.data.cache_dir
-        self.cache = FeatureCache(Path(cache_dir) / shard.name) if cache_dir else None
+        self.cache = FeatureCache.under(cache_dir, shard.name)
 
     @property
     def factory_id(self) -> int:

@@ -83,6 +83,11 @@ class FeatureCache:
     def __post_init__(self) -> None:
         self.root = Path(self.root).expanduser()
 
+    @classmethod
+    def under(cls, cache_dir: str | Path | None, name: str) -> "FeatureCache | None":
+        """The cache folder `cache_dir/name` (a factory's, or "central"), None when caching is off."""
+        return cls(Path(cache_dir) / name) if cache_dir else None
+
     def namespace(self, settings: dict[str, Any]) -> str:
         """The folder of one feature setting (sha256 of its JSON); writes settings.json once."""
         text = json.dumps({"format": FORMAT, **settings}, sort_keys=True)

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from experiments.cli import main
 
@@ -206,3 +208,24 @@ def test_missing_data_root_via_flag_is_one_line(tmp_path, capsys):
     cfg = {**TINY, "data": {**TINY["data"], "format": "mvtec", "root": str(tmp_path)}}
     code, _, err = run_cli(["fit", "--config", write_config(tmp_path, cfg), "--data-root", tmp_path / "gone"], capsys)
     assert str(tmp_path / "gone") in _one_line_error(code, err)
+
+
+def test_fit_with_a_cache_dir_skips_the_backbone_for_cached_training_images(tmp_path, capsys, monkeypatch):
+    from patchcore.backbones import FeatureExtractor
+
+    seen = []
+    forward = FeatureExtractor.forward
+    monkeypatch.setattr(FeatureExtractor, "forward", lambda self, images: seen.append(len(images)) or forward(self, images))
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    config = write_config(tmp_path, cfg)
+    assert run_cli(["fit", "--config", config, "--out", tmp_path / "first", "--quiet"], capsys)[0] == 0
+    first = sum(seen)
+    entries = list((tmp_path / "cache" / "central").rglob("*.safetensors"))
+    assert len(entries) == 6  # n_train images of the one category, in data.cache_dir/central
+    seen.clear()
+    assert run_cli(["fit", "--config", config, "--out", tmp_path / "second", "--quiet"], capsys)[0] == 0
+    assert sum(seen) == first - 6  # only what is never cached (validation/calibration images) ran again
+    a = load_file(str(next((tmp_path / "first" / "banks").rglob("*.safetensors"))))
+    b = load_file(str(next((tmp_path / "second" / "banks").rglob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same bank from cached rows
