@@ -141,7 +141,9 @@ def embed_by_convolution(maps: list[torch.Tensor], patch_size: int = 3, pretrain
     pad = (patch_size - 1) // 2
     for i, (fmap, (weight, index, j0, j1)) in enumerate(zip(maps, kernels)):
         if fmap.shape[1] >= GROUPED_MIN_SAVING * index.shape[1]:  # grouped: rows·g·p² MACs per position
-            gathered = fmap.index_select(1, index.flatten().to(fmap.device))  # (B, rows·g, h_l, w_l)
+            flat = index.flatten()
+            identity = len(flat) == fmap.shape[1] and torch.equal(flat, torch.arange(len(flat)))  # WRN: both layers
+            gathered = fmap if identity else fmap.index_select(1, flat.to(fmap.device))  # (B, rows·g, h_l, w_l)
             y = F.conv2d(gathered, weight.to(fmap.device, fmap.dtype), padding=pad, groups=index.shape[0])
         else:  # few channels: one dense (rows, C, p, p) kernel runs faster than many tiny groups
             dense = _dense_kernels(channels, patch_size, pretrain_dim, target_dim)[i]  # (rows, C, p, p)
