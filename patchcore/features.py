@@ -137,7 +137,9 @@ def embed_by_convolution(maps: list[torch.Tensor], patch_size: int = 3, pretrain
     channels = tuple(m.shape[1] for m in maps)
     kernels = _layer_kernels(channels, patch_size, pretrain_dim, target_dim)
     b, _, h, w = maps[0].shape
-    out = maps[0].new_zeros((b, target_dim, h, w))  # (B, target, h, w)
+    # (B, target, h, w) as a channels_last view of (B, h, w, target): the convolutions' channels_last
+    # outputs add into it without a layout change, and the (B, h·w, target) result is contiguous.
+    out = maps[0].new_zeros((b, h, w, target_dim)).permute(0, 3, 1, 2)
     pad = (patch_size - 1) // 2
     for i, (fmap, (weight, index, j0, j1)) in enumerate(zip(maps, kernels)):
         if fmap.shape[1] >= GROUPED_MIN_SAVING * index.shape[1]:  # grouped: rows·g·p² MACs per position
