@@ -133,6 +133,18 @@ def _dense_kernels(channels: tuple[int, ...], patch_size: int, pretrain_dim: int
     return tuple(dense)
 
 
+@lru_cache(maxsize=16)
+def _gathers(channels: tuple[int, ...], patch_size: int, pretrain_dim: int,
+             target_dim: int) -> tuple[torch.Tensor | None, ...]:
+    """Per layer: the flat channel order a grouped kernel reads, or None when it is the map's own
+    order (both WideResNet-50-2 layers), so the gather can be skipped."""
+    out = []
+    for c, (_, index, _, _) in zip(channels, _layer_kernels(channels, patch_size, pretrain_dim, target_dim)):
+        flat = index.flatten()
+        out.append(None if len(flat) == c and torch.equal(flat, torch.arange(c)) else flat)
+    return tuple(out)
+
+
 def embed_by_convolution(maps: list[torch.Tensor], patch_size: int = 3, pretrain_dim: int = 1024,
                          target_dim: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
     """`embed` as one convolution per layer (grouped or dense) + bilinear alignment (see the module docstring)."""
@@ -145,9 +157,8 @@ def embed_by_convolution(maps: list[torch.Tensor], patch_size: int = 3, pretrain
     pad = (patch_size - 1) // 2
     for i, (fmap, (weight, index, j0, j1)) in enumerate(zip(maps, kernels)):
         if fmap.shape[1] >= GROUPED_MIN_SAVING * index.shape[1]:  # grouped: rows·g·p² MACs per position
-            flat = index.flatten()
-            identity = len(flat) == fmap.shape[1] and torch.equal(flat, torch.arange(len(flat)))  # WRN: both layers
-            gathered = fmap if identity else fmap.index_select(1, flat.to(fmap.device))  # (B, rows·g, h_l, w_l)
+            gather = _gathers(channels, patch_size, pretrain_dim, target_dim)[i]
+            gathered = fmap if gather is None else fmap.index_select(1, gather.to(fmap.device))  # (B, rows·g, h_l, w_l)
             y = F.conv2d(gathered, weight.to(fmap.device, fmap.dtype), padding=pad, groups=index.shape[0])
         else:  # few channels: one dense (rows, C, p, p) kernel runs faster than many tiny groups
             dense = _dense_kernels(channels, patch_size, pretrain_dim, target_dim)[i]  # (rows, C, p, p)
