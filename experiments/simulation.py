@@ -23,9 +23,10 @@ from typing import Any
 
 from clients.app import build_client_app
 from federated.config import ExperimentConfig
+from federated.plan import DRIVER_KEY
 from federated.server_logic import load_received
 from patchcore.config import load_config
-from patchcore.errors import FedpatchError
+from patchcore.errors import ConfigError, FedpatchError
 from server.app import build_server_app
 
 
@@ -48,12 +49,34 @@ def backend_config(config: ExperimentConfig) -> dict[str, Any]:
     return backend
 
 
+def check_placeable(config: ExperimentConfig, cpus: int | None = None, gpus: int | None = None) -> None:
+    """Fail fast, naming the key, when a local Ray could never place one client: Ray would
+    otherwise leave the server waiting for replies until its round timeout. (A Ray cluster,
+    federation.ray_address, is checked by Ray itself.)"""
+    f = config.federation
+    if f.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    if f.client_gpus > gpus:
+        raise ConfigError(f"federation.client_gpus = {f.client_gpus:g} but this machine has "
+                          f"{gpus} GPU(s): Ray could not place a single client; set it to 0 "
+                          f"(or at most {gpus})")
+    if f.client_cpus > cpus:
+        raise ConfigError(f"federation.client_cpus = {f.client_cpus:g} but this machine has "
+                          f"{cpus} CPU(s): Ray could not place a single client; set it to at most {cpus}")
+
+
 def run_config(config_path: str | Path, overrides: dict[str, Any], run_dir: str | Path,
                resume_from: str | Path | None = None) -> dict[str, str]:
     """The run config both apps read, with absolute paths (Ray workers may start elsewhere)."""
     settings = {"config": str(Path(config_path).expanduser().resolve()),
                 "overrides": json.dumps(overrides or {}, sort_keys=True),
-                "run-dir": str(Path(run_dir).expanduser().resolve())}
+                "run-dir": str(Path(run_dir).expanduser().resolve()),
+                DRIVER_KEY: "ray"}
     if resume_from:
         settings["resume-from"] = str(Path(resume_from).expanduser().resolve())
     return settings
@@ -149,6 +172,7 @@ def run_federation(config_path: str | Path, overrides: dict[str, Any], run_dir: 
     from flwr.simulation import run_simulation
 
     config = load_config(config_path, ExperimentConfig, overrides)  # fail before Ray starts
+    check_placeable(config)
     if resume_from:
         load_received(resume_from, config)  # nothing to resume, or other settings: fail now
     settings = run_config(config_path, overrides, run_dir, resume_from)

@@ -52,7 +52,8 @@ class FederationConfig:
     client_gpus: float = 0.0
     ray_address: str = ""  # empty: a local Ray instance (or RAY_ADDRESS)
     node_timeout_s: float = 120.0  # how long the server waits for the expected nodes
-    round_timeout_s: float = 3600.0  # how long it waits for replies in one round
+    identify_timeout_s: float = 120.0  # how long it waits for the sites to say who they are
+    round_timeout_s: float = 3600.0  # how long it waits for replies in the train and evaluate rounds
     local_only: bool = True  # also fit each factory alone, for the comparison
 
 
@@ -84,7 +85,9 @@ class ExperimentConfig(Config):
             (f.privacy.epsilon is None or self.model.transform.clip_norm is not None, "federation.privacy.epsilon",
              "needs model.transform.clip_norm (noise is calibrated to the clipped vectors)"),
             (f.client_cpus > 0 and f.client_gpus >= 0, "federation.client_cpus", "must be > 0 (client_gpus >= 0)"),
-            (f.node_timeout_s > 0 and f.round_timeout_s > 0, "federation.node_timeout_s", "timeouts must be > 0"),
+            (f.node_timeout_s > 0, "federation.node_timeout_s", "must be > 0"),
+            (f.identify_timeout_s > 0, "federation.identify_timeout_s", "must be > 0"),
+            (f.round_timeout_s > 0, "federation.round_timeout_s", "must be > 0"),
         ]
         for ok, key, message in checks:
             if not ok:

@@ -21,7 +21,7 @@ import dataclasses
 
 import torch
 
-from federated.partition import FactoryShard
+from federated.partition import FactoryShard, factory_name
 from patchcore.errors import ConfigError, FedpatchError
 
 KINDS: tuple[str, ...] = ("crash", "hang", "empty", "noise", "defects")
@@ -31,21 +31,25 @@ class InjectedFault(FedpatchError):
     """Raised by a site configured to crash."""
 
 
-def parse_faults(entries: tuple[str, ...] | list[str], num_factories: int) -> dict[int, str]:
-    """{factory id: kind} from ["K:kind", ...]; ConfigError naming federation.faults otherwise."""
-    faults: dict[int, str] = {}
+def parse_faults(entries: tuple[str, ...] | list[str], num_factories: int) -> dict[str, str]:
+    """{factory name: kind} from ["K:kind" or "NAME:kind", ...]: K is a simulated factory's id
+    (factory-K), NAME a deployed site's name; ConfigError naming federation.faults otherwise."""
+    faults: dict[str, str] = {}
     for entry in entries:
-        factory, sep, kind = str(entry).partition(":")
-        if not sep or not factory.strip().isdigit() or kind.strip() not in KINDS:
-            raise ConfigError(f"federation.faults entry {entry!r} must be 'K:kind' with K a factory "
-                              f"id and kind one of {', '.join(KINDS)}")
-        k = int(factory)
-        if not 0 <= k < num_factories:
-            raise ConfigError(f"federation.faults entry {entry!r}: factory {k} does not exist "
-                              f"(federation.num_factories = {num_factories})")
-        if k in faults:
-            raise ConfigError(f"federation.faults names factory {k} twice")
-        faults[k] = kind.strip()
+        factory, sep, kind = str(entry).rpartition(":")
+        factory = factory.strip()
+        if not sep or not factory or kind.strip() not in KINDS:
+            raise ConfigError(f"federation.faults entry {entry!r} must be 'K:kind' (K a factory "
+                              f"id) or 'NAME:kind' (a site's name), kind one of {', '.join(KINDS)}")
+        if factory.isdigit():
+            k = int(factory)
+            if not 0 <= k < num_factories:
+                raise ConfigError(f"federation.faults entry {entry!r}: factory {k} does not exist "
+                                  f"(federation.num_factories = {num_factories})")
+            factory = factory_name(k)
+        if factory in faults:
+            raise ConfigError(f"federation.faults names factory {factory} twice")
+        faults[factory] = kind.strip()
     return faults
 
 

@@ -45,10 +45,11 @@ class FactoryShard:
     train: list[ImageRecord]
     test: list[ImageRecord]
     validation: list[ImageRecord] = field(default_factory=list)
+    site_name: str | None = None  # a deployed site's own name; simulated shards are factory-K
 
     @property
     def name(self) -> str:
-        return factory_name(self.factory_id)
+        return self.site_name or factory_name(self.factory_id)
 
     def categories(self) -> list[str]:
         """Categories this factory trains on, sorted."""

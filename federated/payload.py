@@ -15,6 +15,8 @@ server received as safetensors + JSON, so a federation can be resumed without re
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 from dataclasses import dataclass
@@ -68,6 +70,11 @@ class Payload:
     def nbytes(self) -> int:
         """Bytes of the arrays as sent (features, plus the per-vector scales of int8)."""
         return int(self.features.nbytes) + (int(self.scales.nbytes) if self.scales is not None else 0)
+
+    def with_factory_id(self, factory_id: int) -> "Payload":
+        """The same payload under the id this run's server gave its factory (a resumed payload
+        was saved under the id of its first run)."""
+        return dataclasses.replace(self, factory_id=int(factory_id))
 
     def decoded(self) -> np.ndarray:
         """(n, D) float32 whatever the encoding."""

@@ -26,7 +26,6 @@ from patchcore.data.records import ImageRecord
 from patchcore.data.sources import categories, data_root, load_records
 from patchcore.errors import ConfigError
 
-RUN_CONFIG_KEYS: tuple[str, ...] = ("config", "overrides", "run-dir")
 
 
 @dataclass
@@ -91,13 +90,41 @@ def parse_overrides(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
     return value
 
 
-def experiment_config(run_config: Mapping[str, Any]) -> tuple[ExperimentConfig, Path]:
-    """(config, run folder) from a Flower run config with keys "config", "overrides", "run-dir";
-    the way both apps learn what to do, whether started by `flwr run` or `run_federation`."""
-    missing = [k for k in RUN_CONFIG_KEYS if k not in run_config]
-    if missing:
-        raise ConfigError(f"run config lacks {', '.join(missing)}: set them in pyproject.toml "
-                          f"[tool.flwr.app.config] or with --run-config")
+# Flat, typed run-config keys ([tool.flwr.app.config] in pyproject.toml, `--run-config`) for the
+# settings people change per run: {key: (dotted config key, value meaning "keep the YAML's")}.
+FLAT_KEYS: dict[str, tuple[str, Any]] = {
+    "seed": ("seed", -1),
+    "num-factories": ("federation.num_factories", 0),
+    "min-clients": ("federation.min_clients", 0),
+    "local-ratio": ("federation.local_ratio", 0.0),
+    "global-ratio": ("federation.global_ratio", 0.0),
+    "aggregation": ("federation.aggregation", ""),
+    "payload-dtype": ("federation.payload_dtype", ""),
+    "poison-mode": ("federation.poison_mode", ""),
+    "node-timeout-s": ("federation.node_timeout_s", 0.0),
+    "identify-timeout-s": ("federation.identify_timeout_s", 0.0),
+    "round-timeout-s": ("federation.round_timeout_s", 0.0),
+}
+# Set by fedpatch's own drivers (Ray simulation, in-process): absent under `flwr run`, where
+# Flower, not fedpatch, places the clients.
+DRIVER_KEY = "fedpatch-driver"
+
+
+def flat_overrides(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """{dotted key: value} for the flat keys that are set (not at their "keep" value)."""
+    return {dotted: run_config[key] for key, (dotted, keep) in FLAT_KEYS.items()
+            if key in run_config and run_config[key] != keep}
+
+
+def experiment_config(run_config: Mapping[str, Any]) -> tuple[ExperimentConfig, Path | None]:
+    """(config, run folder or None) from a Flower run config: "config" (YAML path), the flat
+    keys, "overrides" (JSON of dotted keys, applied last) and "run-dir"; the way both apps learn
+    what to do, whether started by `flwr run` or by fedpatch's drivers."""
+    if "config" not in run_config:
+        raise ConfigError("run config lacks config: set it in pyproject.toml "
+                          "[tool.flwr.app.config] or with --run-config")
     path = resolve_config_path(str(run_config["config"]))
-    config = load_config(path, ExperimentConfig, parse_overrides(run_config["overrides"]))
-    return config, Path(str(run_config["run-dir"])).expanduser()
+    overrides = {**flat_overrides(run_config), **parse_overrides(run_config.get("overrides"))}
+    config = load_config(path, ExperimentConfig, overrides)
+    run_dir = str(run_config.get("run-dir", "") or "")
+    return config, (Path(run_dir).expanduser() if run_dir else None)

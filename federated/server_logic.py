@@ -39,13 +39,18 @@ from patchcore.model import resolve_device
 log = logging.getLogger("fedpatch.server")
 
 
+def _namer(names: Mapping[int, str] | None):
+    """factory id -> the name reports use (factory-K when `names` does not know it)."""
+    return lambda k: (names or {}).get(k) or factory_name(k)
+
+
 def _check(payload: Payload, factory_id: int, config: ExperimentConfig, expected_dim: int,
-           backbone_id: str) -> None:
+           backbone_id: str, name=factory_name) -> None:
     """Raise PayloadError when `payload` must not enter the bank (see federated.payload.validate),
     also when it claims to come from another factory or exceeds the local coreset size."""
     if payload.factory_id != factory_id:
-        raise PayloadError(f"payload claims factory-{payload.factory_id} but was sent by "
-                           f"{factory_name(factory_id)}")
+        raise PayloadError(f"payload claims {name(payload.factory_id)} but was sent by "
+                           f"{name(factory_id)}")
     f = config.federation
     max_vectors = coreset_size(max(payload.num_patches, 0), f.local_ratio)
     if f.max_vectors is not None:
@@ -57,7 +62,8 @@ def _check(payload: Payload, factory_id: int, config: ExperimentConfig, expected
 def aggregate_all(payloads: Mapping[int, Mapping[str, Payload]], config: ExperimentConfig,
                   model_config_dict: Mapping[str, Any], backbone_id: str,
                   rejected: list[dict[str, Any]] | None = None,
-                  poisoning: dict[str, Any] | None = None) -> dict[str, AggregationResult]:
+                  poisoning: dict[str, Any] | None = None,
+                  names: Mapping[int, str] | None = None) -> dict[str, AggregationResult]:
     """{category: global bank} from {factory id: {category: payload}}.
 
     Every payload is validated first; an invalid one is dropped, logged, and appended to
@@ -65,8 +71,10 @@ def aggregate_all(payloads: Mapping[int, Mapping[str, Payload]], config: Experim
     federation.min_clients factories with a valid payload: QuorumError, nothing built. Each
     category is then screened for poisoners (`poisoning[category]` gets the detector's report
     and what was dropped). A category left without any valid payload gets no bank (and is
-    logged), rather than failing the other categories.
+    logged), rather than failing the other categories. `names` ({factory id: name}, default
+    factory-K) is how reports name the factories.
     """
+    name = _namer(names)
     rejected = rejected if rejected is not None else []
     poisoning = poisoning if poisoning is not None else {}
     transform = model_config_dict.get("transform") or {}
@@ -75,21 +83,21 @@ def aggregate_all(payloads: Mapping[int, Mapping[str, Payload]], config: Experim
     for factory_id in sorted(payloads):
         for category, payload in sorted(payloads[factory_id].items()):
             try:
-                _check(payload, factory_id, config, expected_dim, backbone_id)
+                _check(payload, factory_id, config, expected_dim, backbone_id, name)
             except PayloadError as exc:
-                log.warning("rejected %s/%s: %s", factory_name(factory_id), category, exc)
-                rejected.append({"factory": factory_name(factory_id), "category": category,
+                log.warning("rejected %s/%s: %s", name(factory_id), category, exc)
+                rejected.append({"factory": name(factory_id), "category": category,
                                  "reason": str(exc)})
                 continue
             valid.setdefault(category, []).append(payload)
     f, c = config.federation, config.model.coreset
     contributors = {p.factory_id for accepted in valid.values() for p in accepted}
     if len(contributors) < f.min_clients:
-        raise QuorumError(f"only {len(contributors)} of {f.num_factories} factories sent valid "
+        raise QuorumError(f"only {len(contributors)} of {max(f.num_factories, len(payloads))} factories sent valid "
                           f"payloads (federation.min_clients = {f.min_clients}): no global bank "
                           f"written")
     for category in sorted(valid):
-        valid[category], poisoning[category] = screen_poisoned(valid[category], config)
+        valid[category], poisoning[category] = screen_poisoned(valid[category], config, name)
     device = resolve_device(config.device)
     results: dict[str, AggregationResult] = {}
     for category, accepted in sorted(valid.items()):
@@ -102,7 +110,8 @@ def aggregate_all(payloads: Mapping[int, Mapping[str, Payload]], config: Experim
     return results
 
 
-def screen_poisoned(accepted: list[Payload], config: ExperimentConfig) -> tuple[list[Payload], dict[str, Any]]:
+def screen_poisoned(accepted: list[Payload], config: ExperimentConfig,
+                    name=factory_name) -> tuple[list[Payload], dict[str, Any]]:
     """One category's payloads after the poisoned-factory screen, and what the screen saw.
 
     Distances are compared within the category (non-IID splits would make honest factories of
@@ -126,8 +135,9 @@ def screen_poisoned(accepted: list[Payload], config: ExperimentConfig) -> tuple[
             p = dataclasses.replace(p, features=kept[p.factory_id].numpy(), scales=None)
         out.append(p)
     summary = {"mode": f.poison_mode, **report.to_dict(),
-               "dropped_vectors": {factory_name(k): v for k, v in dropped.items()},
-               "excluded": [factory_name(k) for k in report.flagged if k not in kept]}
+               "names": {str(p.factory_id): name(p.factory_id) for p in accepted},
+               "dropped_vectors": {name(k): v for k, v in dropped.items()},
+               "excluded": [name(k) for k in report.flagged if k not in kept]}
     return out, summary
 
 
@@ -141,39 +151,39 @@ def payload_settings(config: ExperimentConfig) -> dict[str, Any]:
             "federation": {k: f[k] for k in keep}}
 
 
-def save_received(payloads: Mapping[int, Mapping[str, Payload]], run_dir: str | Path,
+def save_received(payloads: Mapping[str, Mapping[str, Payload]], run_dir: str | Path,
                   config: ExperimentConfig) -> Path:
-    """Keep every payload the server received under run_dir/federated/payloads/factory-K/, so a
+    """Keep every payload the server received under run_dir/federated/payloads/<factory>/, so a
     later run can resume without asking those factories again; returns the folder."""
     folder = Path(run_dir) / "federated" / "payloads"
     fingerprint = payload_fingerprint(payload_settings(config))
-    for factory_id, by_category in sorted(payloads.items()):
+    for factory, by_category in sorted(payloads.items()):
         for category, payload in sorted(by_category.items()):
-            save_payload(payload, folder / factory_name(factory_id) / category,
-                         {"fingerprint": fingerprint, "category": category})
+            save_payload(payload, folder / factory / category,
+                         {"fingerprint": fingerprint, "category": category, "factory": factory})
     return folder
 
 
-def load_received(run_dir: str | Path, config: ExperimentConfig) -> dict[int, dict[str, Payload]]:
-    """The payloads an earlier run saved ({factory id: {category: payload}}), for resuming.
+def load_received(run_dir: str | Path, config: ExperimentConfig) -> dict[str, dict[str, Payload]]:
+    """The payloads an earlier run saved ({factory name: {category: payload}}), for resuming.
 
     ConfigError when the folder has none, or when they were produced under other settings
     (naming the first setting that differs); PayloadError naming a file that cannot be read.
     """
     folder = Path(run_dir) / "federated" / "payloads"
-    files = sorted(folder.glob("factory-*/*.safetensors"))
+    files = sorted(folder.glob("*/*.safetensors"))
     if not files:
         raise ConfigError(f"nothing to resume from: no saved payloads in {folder}")
     expected = payload_fingerprint(payload_settings(config))
-    out: dict[int, dict[str, Payload]] = {}
+    out: dict[str, dict[str, Payload]] = {}
     for path in files:
         payload, meta = load_payload(path.with_suffix(""))
         if meta.get("fingerprint") != expected:
             raise ConfigError(f"cannot resume from {path}: it was produced with other settings "
                               f"({_first_difference(Path(run_dir), config)}); rerun those factories")
-        if factory_name(payload.factory_id) != path.parent.name:
-            raise PayloadError(f"saved payload {path} claims factory-{payload.factory_id}")
-        out.setdefault(payload.factory_id, {})[meta.get("category", path.stem)] = payload
+        if meta.get("factory", path.parent.name) != path.parent.name:
+            raise PayloadError(f"saved payload {path} claims factory {meta.get('factory')}")
+        out.setdefault(path.parent.name, {})[meta.get("category", path.stem)] = payload
     return out
 
 
@@ -198,8 +208,10 @@ def _first_difference(run_dir: Path, config: ExperimentConfig) -> str:
     return walk({k: before.get(k) for k in now}, now, "") or "the settings differ"
 
 
-def aggregation_summary(result: AggregationResult) -> dict[str, Any]:
+def aggregation_summary(result: AggregationResult,
+                        names: Mapping[int, str] | None = None) -> dict[str, Any]:
     """JSON-ready bookkeeping of one category's aggregation (also stored in the bank file)."""
+    name = _namer(names)
     return {
         "aggregation": result.method,
         "budget": int(result.budget),
@@ -208,12 +220,14 @@ def aggregation_summary(result: AggregationResult) -> dict[str, Any]:
         "factory_ids": list(result.factory_ids),
         "shares": list(result.shares),
         "vectors_received": list(result.union_sizes),
-        "kept_per_factory": {factory_name(k): v for k, v in result.kept_per_factory().items()},
+        "factories": [name(k) for k in result.factory_ids],
+        "kept_per_factory": {name(k): v for k, v in result.kept_per_factory().items()},
     }
 
 
 def save_global_banks(results: Mapping[str, AggregationResult], run_dir: str | Path,
-                      metadata: Mapping[str, Any]) -> dict[str, Path]:
+                      metadata: Mapping[str, Any],
+                      names: Mapping[int, str] | None = None) -> dict[str, Path]:
     """Write `run_dir/federated/banks/<category>.safetensors` (+ .json) for every category.
 
     `metadata` is what every bank shares (model config under "model", "seed", "backbone_id",
@@ -223,7 +237,7 @@ def save_global_banks(results: Mapping[str, AggregationResult], run_dir: str | P
     folder = Path(run_dir) / "federated" / "banks"
     written: dict[str, Path] = {}
     for category, result in sorted(results.items()):
-        meta = {**metadata, "category": category, **aggregation_summary(result)}
+        meta = {**metadata, "category": category, **aggregation_summary(result, names)}
         tensor_path, _ = MemoryBank(result.bank, meta).save(folder / category)
         written[category] = tensor_path
     return written
