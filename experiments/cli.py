@@ -5,6 +5,7 @@
     fedpatch predict  IMAGE... --bank B     score, threshold, decision, overlay
     fedpatch compare  --config C            federated vs centralized vs local -> results/compare-*/
     fedpatch federate --config C [--resume RUN]   the federation alone          -> results/federate-*/
+    fedpatch deploy   --config C --site NAME=DIR ...   SuperLink + SuperNodes on loopback -> results/deploy-*/
     fedpatch sweep privacy|encoding|poisoning --config C   cost of each protection -> results/sweep-*/
     fedpatch dashboard [RESULTS_DIR]        Streamlit dashboard over compare/fit runs
     fedpatch serve    BANK                  HTTP inspection API (POST /inspect) around one bank
@@ -153,6 +154,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return run_compare(args, _overrides(args))
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from experiments.deploy import run_deploy
+
+    return run_deploy(args, _overrides(args))
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from experiments.dashboard.launch import serve
 
@@ -194,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(fed)
     fed.add_argument("--resume", metavar="RUN", help="reuse the payloads an earlier run saved (RUN/federated/payloads)")
     fed.set_defaults(func=cmd_federate)
+    dep = sub.add_parser("deploy", help="a real deployment on loopback: SuperLink + one SuperNode per site "
+                         "folder (TLS, node authentication), `flwr run`, every process stopped")
+    common(dep)
+    dep.add_argument("--site", action="append", required=True, metavar="NAME=FOLDER",
+                     help="a site and its own image folder (repeat per site)")
+    dep.set_defaults(func=cmd_deploy)
     sw = sub.add_parser("sweep", help="privacy / encoding / poisoning sweep on features extracted once")
     sw.add_argument("kind", choices=("privacy", "encoding", "poisoning"))
     common(sw)

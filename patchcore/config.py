@@ -152,8 +152,8 @@ class Config:
         from patchcore.backbones import backbone_spec
 
         backbone_spec(self.model.backbone.name)  # unknown names fail here, before any work
-        if self.data.format != "synthetic" and not self.data.root:
-            raise ConfigError("data.root is empty: give the dataset folder (config, --data-root or FEDPATCH_DATA_ROOT)")
+        # An empty data.root is an error where images are read (patchcore.data.sources.data_root),
+        # not here: a deployed federation's server reads none, each site names its own folder.
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

@@ -8,9 +8,9 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from clients.app import FEATURES, PAYLOAD, SITE, pack_payloads, unpack_payloads
+from federated.protocol import (FEATURES, PAYLOAD, SITE, from_flower, pack_payloads, to_flower,
+                                unpack_payloads)
 from federated.config import ExperimentConfig
 from federated.payload import PAYLOAD_FORMAT_VERSION, Payload, encode
 from federated.server_logic import aggregate_all
@@ -91,7 +91,8 @@ def test_unreadable_wire_payloads_become_problems_not_exceptions(tamper, problem
     arrays, scalars = pack_payloads({"disc": honest(0), "stripes": honest(0, seed=5)})
     arrays, scalars = dict(arrays.items()), dict(scalars.items())
     tamper(arrays, scalars)
-    payloads, problems = unpack_payloads(ArrayRecord(arrays), ConfigRecord(scalars))
+    wire = from_flower(to_flower({FEATURES: arrays, PAYLOAD: scalars}))  # as it crosses Flower
+    payloads, problems = unpack_payloads(wire[FEATURES], wire[PAYLOAD])
     assert sorted(payloads) == ["stripes"] and problem in problems["disc"]
 
 
@@ -104,14 +105,11 @@ def test_int8_scales_travel_with_their_features():
 
 
 def test_a_reply_without_its_records_is_a_failure_not_a_crash(config):
-    from server.app import decode_train_replies, new_report
+    from federated.rounds import decode_train, new_report
 
-    class Reply:  # what grid.send_and_receive yields, minus the "site" record
-        content = RecordDict({FEATURES: ArrayRecord({"disc": Array(np.ones((2, DIM), np.float16))}),
-                              PAYLOAD: ConfigRecord({})})
-
+    reply = {FEATURES: {"disc": np.ones((2, DIM), np.float16)}, PAYLOAD: {}}  # no "site" record
     report = new_report(config)
-    payloads, nodes = decode_train_replies({7: Reply()}, report)
-    assert payloads == {} and nodes == {}
-    assert report["failed"][0]["node_id"] == 7 and "unreadable reply: KeyError" in report["failed"][0]["reason"]
-    assert SITE in report["failed"][0]["reason"]  # the missing record is named
+    assert decode_train({7: reply}, {7: "factory-0"}, report) == {}
+    failed = report["failed"][0]
+    assert failed["node_id"] == 7 and failed["factory"] == "factory-0"
+    assert "unreadable reply: KeyError" in failed["reason"] and SITE in failed["reason"]  # the missing record is named

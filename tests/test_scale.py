@@ -30,7 +30,11 @@ def test_site_cache_per_worker_is_bounded(monkeypatch):
     class FakeSite:
         def __init__(self, cfg, shard, shifts, model=None, root=None):
             built.append(shard)
-            self.model = model or object()
+            self._model = model or object()
+
+        @property
+        def model(self):
+            return self._model
 
     class FakePlan:
         shifts, root = {}, None
@@ -43,12 +47,13 @@ def test_site_cache_per_worker_is_bounded(monkeypatch):
     monkeypatch.setattr(client_app, "MAX_SITES", 3)
     monkeypatch.setattr(client_app, "_CACHE", {"key": None, "plan": None, "model": None, "sites": {}})
     cfg = dataclasses.replace(config(num_factories=10), seed=123)
-    first = client_app.site_for(cfg, 0)
+    node = lambda k: {"partition-id": k, "num-partitions": 10}  # noqa: E731
+    first = client_app.site_for(cfg, node(0))
     for factory in range(1, 10):
-        client_app.site_for(cfg, factory)
+        client_app.site_for(cfg, node(factory))
         assert len(client_app._CACHE["sites"]) <= 3
-    assert list(client_app._CACHE["sites"]) == [7, 8, 9]
+    assert list(client_app._CACHE["sites"]) == ["7", "8", "9"]
     model = first.model
     assert all(s.model is model for s in client_app._CACHE["sites"].values())  # one backbone
-    client_app.site_for(cfg, 8)  # a hit: nothing rebuilt, 8 becomes most recent
-    assert len(built) == 10 and list(client_app._CACHE["sites"]) == [7, 9, 8]
+    client_app.site_for(cfg, node(8))  # a hit: nothing rebuilt, 8 becomes most recent
+    assert len(built) == 10 and list(client_app._CACHE["sites"]) == ["7", "9", "8"]

@@ -14,17 +14,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType,
-                      Metadata, MetricRecord, RecordDict)
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import (Array, ArrayRecord, Context, Error, Message, MessageType, Metadata,
+                      RecordDict)
 
 import experiments.simulation as simulation
-from clients.app import (BANKS, FEATURES, PAYLOAD, SITE, TIMINGS, build_client_app,
-                         pack_payloads, unpack_payloads)
+from clients.app import build_client_app
 from federated.config import ExperimentConfig
 from federated.errors import QuorumError
 from federated.payload import Payload, encode, raw_feature_bytes
 from federated.plan import experiment_config, plan_factories
+from federated.protocol import (ASSIGNMENT, BANKS, FEATURES, PAYLOAD, TrainReply,
+                                from_flower, pack_payloads, to_flower, unpack_payloads)
+from federated.rounds import decode_train, exchange, new_report, wait_for_nodes
 from federated.server_logic import aggregate_all, save_global_banks, upload_stats
 from federated.site import Site
 from patchcore.config import load_config
@@ -33,8 +34,7 @@ from patchcore.data import read_image
 from patchcore.errors import ConfigError
 from patchcore.memory_bank import MemoryBank
 from patchcore.model import backbone_id
-from server.app import (decode_train_replies, exchange, new_report,
-                        wait_for_nodes)
+from server.app import GridTransport
 
 DIM = 48  # != the 64-px image side, so no (n, D) array can pass for a grey image
 SIZE, PATCHES = 64, 64  # 64-px images, stride-8 grid: 8 x 8 patches per image
@@ -192,14 +192,14 @@ def assert_no_pixels(arrays: dict[str, np.ndarray], pixel_rows: list[bytes],
 def test_every_message_sent_by_simulated_clients_is_free_of_pixels(federation):
     files = sorted(federation["recorded"].glob("*.npz"))
     kinds = [f.stem.rsplit("-", 1)[-1] for f in files]
-    assert kinds.count("train") == 3 and kinds.count("evaluate") == 3
+    assert kinds.count("train") == 3 and kinds.count("evaluate") == 3 and kinds.count("query") == 3
     for file in files:
         scalars = json.loads(file.with_suffix(".json").read_text())
-        factory = f"factory-{scalars['site/factory-id']}"
+        factory = scalars['site/factory']
         with np.load(file, allow_pickle=False) as saved:
             arrays = {k: saved[k] for k in saved.files}
         assert all(k.startswith(f"{FEATURES}/") for k in arrays)
-        assert bool(arrays) == file.stem.endswith("train")  # evaluate replies: numbers only
+        assert bool(arrays) == file.stem.endswith("train")  # identify, evaluate: numbers only
         num_patches = {k: scalars[f"{PAYLOAD}/{k.split('/', 1)[1]}.num_patches"] for k in arrays}
         assert_no_pixels(arrays, _training_pixel_rows(federation["plan"], factory), num_patches)
         for key, value in scalars.items():  # scalars only: numbers, short names
@@ -219,17 +219,20 @@ def test_client_handlers_called_directly_send_only_coresets_and_numbers(federati
     app = build_client_app(settings)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
                       state=RecordDict(), run_config={})
-    reply = app(_instruction(RecordDict(), MessageType.TRAIN, 7), context)
+    ask = to_flower({ASSIGNMENT: {"factory": "factory-1", "factory-id": 1}})
+    reply = app(_instruction(ask, MessageType.TRAIN, 7), context)
     assert not reply.has_error() and set(reply.content) == {"features", "payload", "site", "timings", "release"}
     arrays = {k: a.numpy() for k, a in reply.content[FEATURES].items()}
     assert sorted(arrays) == ["disc", "stripes"]
-    payloads, problems = unpack_payloads(reply.content[FEATURES], reply.content[PAYLOAD])
+    payloads, problems = unpack_payloads(arrays, dict(reply.content[PAYLOAD]))
     assert_no_pixels(arrays, _training_pixel_rows(federation["plan"], "factory-1"),
                      {c: p.num_patches for c, p in payloads.items()})
     assert not problems and all(p.factory_id == 1 and p.num_patches == 2 * PATCHES
                                 for p in payloads.values())
     banks = ArrayRecord({c: Array(p.features.astype(np.float32)) for c, p in payloads.items()})
-    answer = app(_instruction(RecordDict({BANKS: banks}), MessageType.EVALUATE, 7), context)
+    ask = to_flower({ASSIGNMENT: {"factory": "factory-1", "factory-id": 1}})
+    ask[BANKS] = banks
+    answer = app(_instruction(ask, MessageType.EVALUATE, 7), context)
     assert not answer.has_error() and not any(isinstance(r, ArrayRecord)
                                               for r in answer.content.values())
     assert all(isinstance(v, float) for v in answer.content["metrics"].values())
@@ -328,8 +331,9 @@ def test_upload_stats_and_wire_format_round_trip(site_setup):
     assert stats["bytes_sent"] == sum(p.nbytes for p in payloads.values())
     assert stats["raw_feature_bytes"] == 2 * raw_feature_bytes(2 * PATCHES, DIM)
     arrays, scalars = pack_payloads(payloads)
-    back, problems = unpack_payloads(arrays, scalars)
-    assert not problems and back == payloads
+    back = TrainReply.from_records(from_flower(to_flower(
+        TrainReply("factory-0", 0, payloads, 4).to_records())))
+    assert not back.problems and back.payloads == payloads and back.train_images == 4
     del scalars["disc.num_patches"]
     scalars["ghost.num_images"] = 1
     back, problems = unpack_payloads(arrays, scalars)
@@ -342,52 +346,71 @@ def test_run_config_errors_are_one_line_config_errors(tmp_path):
     config, run_dir = experiment_config({"config": str(path), "run-dir": "x",
                                          "overrides": '{"federation.num_factories": 2}'})
     assert config.federation.num_factories == 2 and run_dir == Path("x")
-    with pytest.raises(ConfigError, match="lacks run-dir"):
-        experiment_config({"config": str(path), "overrides": ""})
+    assert experiment_config({"config": str(path)})[1] is None
+    with pytest.raises(ConfigError, match="lacks config"):
+        experiment_config({"overrides": ""})
     with pytest.raises(ConfigError, match="not valid JSON"):
         experiment_config({"config": str(path), "overrides": "{nope", "run-dir": "x"})
 
 
 def test_server_waits_for_nodes_then_says_how_many_came():
-    class Grid:
+    class Transport:
         def __init__(self) -> None:
             self.calls = 0
 
-        def get_node_ids(self):
+        def node_ids(self):
             self.calls += 1
             return [11, 12, 13][: self.calls]
 
-    assert wait_for_nodes(Grid(), 3, timeout_s=5, poll_s=0.01) == [11, 12, 13]
+    assert wait_for_nodes(Transport(), 3, timeout_s=5, poll_s=0.01) == [11, 12, 13]
     with pytest.raises(ConfigError, match="only 2 of 3"):
-        wait_for_nodes(type("G", (), {"get_node_ids": lambda self: [1, 2]})(), 3, 0.05, 0.01)
+        wait_for_nodes(type("T", (), {"node_ids": lambda self: [1, 2]})(), 3, 0.05, 0.01)
 
 
-def test_failed_and_silent_nodes_are_recorded_not_raised(site_setup, monkeypatch):
+class FakeGrid:
+    """A Grid whose node 1 answers, node 2 errs as a crashed ClientApp, node 3 stays silent, and
+    node 4 dies: the SuperLink answers for it (sender 1: the SuperLink, not node 4)."""
+
+    def __init__(self, content: RecordDict) -> None:
+        self.content, self.sent = content, {}
+
+    def push_messages(self, messages):
+        for k, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{k}"
+            self.sent[f"m{k}"] = m
+        return list(self.sent)
+
+    def pull_messages(self, ids):
+        replies = []
+        for mid in ids:
+            asked = self.sent[mid]
+            node = asked.metadata.dst_node_id
+            metadata = Metadata(run_id=1, message_id=f"r{mid}", src_node_id=node if node != 4 else 1,
+                                dst_node_id=0, reply_to_message_id=mid, group_id="",
+                                created_at=time.time(), ttl=600.0,
+                                message_type=asked.metadata.message_type)
+            if node == 1:
+                replies.append(Message(self.content, metadata=metadata))
+            elif node == 2:
+                reason = "\x1b[36mray::ClientAppActor.run()\x1b[39m\n  File x\nMessage: boom"
+                replies.append(Message(Error(code=1, reason=reason), metadata=metadata))
+            elif node == 4:
+                replies.append(Message(Error(code=3, reason="node went offline"), metadata=metadata))
+        return replies
+
+
+def test_failed_silent_and_dead_nodes_are_recorded_once_by_the_node_asked(site_setup):
     config, _, _, payloads, _ = site_setup
-    for name in ("_run_id", "_node_id", "_task_id"):  # set inside a real run; here by hand
-        monkeypatch.setattr(TaskIdentity, name, 1)
-    arrays, scalars = pack_payloads(payloads)
-
-    class Grid:  # node 1 answers, node 2 errs (as a crashed ClientApp), node 3 stays silent
-        def send_and_receive(self, messages, timeout=None):
-            replies = []
-            for m in messages:
-                asked = _instruction(m.content, m.metadata.message_type, m.metadata.dst_node_id)
-                if asked.metadata.dst_node_id == 1:
-                    content = RecordDict({FEATURES: arrays, PAYLOAD: scalars, TIMINGS: MetricRecord(
-                        {"extract_s": 1.0}), SITE: ConfigRecord({"factory-id": 0})})
-                    replies.append(Message(content, reply_to=asked))
-                elif asked.metadata.dst_node_id == 2:
-                    reason = "\x1b[36mray::ClientAppActor.run()\x1b[39m\n  File x\nMessage: boom"
-                    replies.append(Message(Error(code=1, reason=reason), reply_to=asked))
-            return replies
-
+    content = to_flower(TrainReply("factory-0", 0, payloads, 2, {"extract_s": 1.0}).to_records())
+    transport = GridTransport(FakeGrid(content), poll_s=0.01)
     report = new_report(config)
-    sent = {n: RecordDict() for n in (1, 2, 3)}
-    replies = exchange(Grid(), sent, MessageType.TRAIN, 5.0, report, "train")
-    payloads_back, nodes = decode_train_replies(replies, report)
-    assert sorted(replies) == [1] and nodes == {0: 1} and payloads_back[0] == payloads
-    assert report["failed"] == [{"factory": None, "node_id": 2, "phase": "train",
-                                 "reason": "Message: boom"}]
-    assert [m["node_id"] for m in report["missing"]] == [3]
+    names = {1: "factory-0", 2: "factory-1", 3: "factory-2", 4: "factory-3"}
+    replies = exchange(transport, MessageType.TRAIN, {n: {} for n in names}, 0.3, report, names)
+    received = decode_train(replies, names, report)
+    assert sorted(replies) == [1] and received == {"factory-0": payloads}
+    assert report["failed"] == [
+        {"factory": "factory-1", "node_id": 2, "phase": "train", "reason": "Message: boom"},
+        {"factory": "factory-3", "node_id": 4, "phase": "train", "reason": "node went offline"}]
+    assert report["missing"] == [{"factory": "factory-2", "node_id": 3, "phase": "train",
+                                  "reason": "no reply within 0.3 s"}]
     assert report["factories"]["factory-0"]["seconds"] == {"extract_s": 1.0}

@@ -16,7 +16,7 @@ from patchcore.data.mvtec import has_validation, list_categories, load_mvtec, lo
 from patchcore.data.records import ImageRecord
 from patchcore.data.synthetic import make_synthetic_dataset
 from patchcore.data.transforms import Preprocess
-from patchcore.errors import DataError
+from patchcore.errors import ConfigError, DataError
 
 DEFAULT_SYNTHETIC_CACHE = Path(".cache") / "synthetic"
 
@@ -24,6 +24,8 @@ DEFAULT_SYNTHETIC_CACHE = Path(".cache") / "synthetic"
 def data_root(data: DataConfig, seed: int = 0) -> Path:
     """The dataset folder; for `synthetic`, generated on first use (a seeded, offline dataset)."""
     if data.format != "synthetic":
+        if not data.root:
+            raise ConfigError("data.root is empty: give the dataset folder (config, --data-root or FEDPATCH_DATA_ROOT)")
         return Path(data.root).expanduser()
     s = data.synthetic
     params = {"categories": list(s.categories), "size": s.size, "n_train": s.n_train,
