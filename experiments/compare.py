@@ -28,7 +28,7 @@ from experiments.runs import Manifest, new_run_dir, write_config, write_json
 from experiments.scoring import evaluate_scored, fit_category, score_records
 from federated.config import ExperimentConfig
 from federated.plan import plan_factories
-from experiments.simulation import run_federation
+from experiments.simulation import check_placeable, run_federation
 from patchcore.config import load_config
 from patchcore.coreset import coverage_radius
 from patchcore.cache import FeatureCache
@@ -178,6 +178,7 @@ def write_plots(run_dir: Path, rows: list[dict[str, Any]], uploads: list[dict[st
 def run_compare(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     progress = not args.quiet
     config = load_config(args.config, ExperimentConfig, overrides)
+    check_placeable(config)  # Ray could never place a client: say so now, not after the baseline
     plan = plan_factories(config)  # validates data before anything is written
     run_dir = new_run_dir(config.output_dir, "compare", args.out)
     write_config(run_dir, config)

@@ -14,7 +14,7 @@ from typing import Any
 
 from experiments.reports import format_table
 from experiments.runs import Manifest, new_run_dir, write_config
-from experiments.simulation import run_federation
+from experiments.simulation import check_placeable, run_federation
 from federated.config import ExperimentConfig
 from federated.plan import plan_factories
 from federated.server_logic import load_received
@@ -23,6 +23,7 @@ from patchcore.config import load_config
 
 def run_federate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     config = load_config(args.config, ExperimentConfig, overrides)
+    check_placeable(config)
     plan_factories(config)  # the data are valid before anything is written
     if args.resume:
         load_received(args.resume, config)  # resumable with these settings, or one line why not

@@ -1,11 +1,14 @@
 """`fedpatch sweep privacy|encoding|poisoning`: what each protection costs in detection quality.
 
-Every factory's patch embeddings (train and test) are extracted ONCE; each variant then replays
-the federation in-process with the very functions the Flower apps call — the client's
-`make_payload` (clip, noise, encoding) and the server's `aggregate_all` (validation, quorum,
-poisoning screen, coreset of coresets) — and scores the global bank on the same union test set.
-No Ray, no second backbone pass: a sweep costs one extraction plus, per variant, the local
-coresets it changes and a nearest-neighbour pass.
+Every factory's patch embeddings (train and test) are extracted once, into memory and into a
+feature cache (data.cache_dir, or a folder of the sweep's own that is removed at the end). Each
+variant is then a whole federation through the same rounds as `fedpatch federate` and a
+deployment (federated.rounds.run_rounds over the in-process transport, with the real Sites: clip,
+local coreset, noise, encoding, validation, poisoning screen, coreset of coresets); its sites read
+their features from the cache (a variant that projects them extracts once more, into its own
+feature space) and reuse their local coresets when only later steps change. The global banks are
+scored by PatchCore's own scoring code on the union test set's extracted embeddings. Each
+variant's banks and federation.json stay under federations/NN/.
 
 - privacy: ε ∈ {0.5, 1, 2, 4, 8, ∞} (δ, clip_norm from the config). A centralized PatchCore with
   the same clipping (no noise: it releases nothing) and one without clipping are the references.
@@ -24,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +47,8 @@ from federated.faults import apply_to_shard
 from federated.partition import factory_name
 from federated.payload import raw_feature_bytes
 from federated.plan import FactoryPlan, plan_factories
-from federated.server_logic import aggregate_all
-from federated.site import make_payload
+from federated.rounds import InProcessTransport, run_rounds
+from federated.site import Site
 from patchcore.cache import FeatureCache
 from patchcore.config import TransformConfig, load_config, to_dict
 from patchcore.coreset import coreset_size, greedy_coreset
@@ -105,57 +111,75 @@ def extract(config: ExperimentConfig, plan: FactoryPlan, model: PatchCore, poiso
 
 
 class Replay:
-    """Federations and centralized fits replayed on extracted embeddings, with caches."""
+    """Variants of one experiment on one set of images: each federation runs through the same
+    rounds as every other (federated.rounds.run_rounds, in-process transport, the real Sites:
+    clip, coreset, noise, encoding, validation, screening, aggregation), its training features
+    read from the feature cache after the first variant and its local coresets memoised per
+    factory; centralized references and scoring reuse the embeddings extracted once."""
 
-    def __init__(self, config: ExperimentConfig, data: Extracted, progress: bool) -> None:
+    def __init__(self, config: ExperimentConfig, data: Extracted, progress: bool,
+                 plan: FactoryPlan | None = None, out: Path | None = None) -> None:
         self.config, self.data, self.progress = config, data, progress
+        self.plan = plan if plan is not None else plan_factories(config)
+        self.out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedpatch-sweep-"))
         self._coresets: dict[tuple, torch.Tensor] = {}
+        self._memos: dict[int, dict[tuple, torch.Tensor]] = {}  # per factory, across variants
+        self._models: dict[str, PatchCore] = {}  # one backbone per model config
+        # Sites read their training features from this cache after the first variant.
+        self.cache_dir = config.data.cache_dir or str(self.out / "features")
+        self.runs = 0
 
     def _transformed(self, x: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
         t = feature_transform(config.model)
         return x if t.identity else t(x)
 
     def _coreset(self, x: torch.Tensor, ratio: float, config: ExperimentConfig, key: tuple) -> torch.Tensor:
-        key = (*key, ratio, feature_transform(config.model).tag())
+        key = (*key, ratio, feature_transform(config.model).tag(), repr(config.model.coreset))
         if key not in self._coresets:
             c = config.model.coreset
             idx = greedy_coreset(x, coreset_size(len(x), ratio), method=c.method,
                                  projection_dim=c.projection_dim, num_starts=c.num_starts,
-                                 seed=config.seed, progress=False)
+                                 seed=config.seed, precision=c.precision, progress=False)
             self._coresets[key] = x[idx]
         return self._coresets[key]
 
-    def federated(self, config: ExperimentConfig, factories: dict[int, int]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Global banks {category: (M, d)} and a small report, for factories {id: data key}
-        (the data key is the factory whose embeddings it holds: -1 is the poisoner's defects)."""
-        spec = config.privacy_spec()
-        payloads: dict[int, dict[str, Any]] = {}
-        release: dict[str, float] = {}
-        for factory_id, source in sorted(factories.items()):
-            fault = "noise" if source == -2 else None
-            source = factory_id if source == -2 else source
-            for (k, category), x in sorted(self.data.train.items()):
-                if k != source:
-                    continue
-                x = self._transformed(x, config)
-                coreset = self._coreset(x, config.federation.local_ratio, config, (source, category))
-                payload, stats = make_payload(coreset, config=config, backbone_id=backbone_id(config.model),
-                                              factory_id=factory_id, category=category, num_patches=len(x),
-                                              num_images=self.data.images[(k, category)], privacy=spec,
-                                              fault=fault)
-                payloads.setdefault(factory_id, {})[category] = payload
-                release.update({f"{factory_id}.{category}.{n}": v for n, v in stats.items()})
-        rejected: list[dict[str, Any]] = []
-        poisoning: dict[str, Any] = {}
-        results = aggregate_all(payloads, config, to_dict(config.model), backbone_id(config.model),
-                                rejected, poisoning)
-        sent = [(c, p) for by in payloads.values() for c, p in by.items()]
-        report = {"bytes_sent": {c: sum(p.nbytes for c2, p in sent if c2 == c) for c, _ in sent},
-                  "raw_feature_bytes": {c: sum(raw_feature_bytes(p.num_patches, self.data.train_dim)
-                                               for c2, p in sent if c2 == c) for c, _ in sent},
-                  "rejected": rejected, "poisoning": poisoning, "release": release,
-                  "flagged": sorted({factory_name(k) for c in poisoning.values() for k in c.get("flagged", [])})}
-        return {c: r.bank for c, r in results.items()}, report
+    def _model(self, config: ExperimentConfig) -> PatchCore:
+        key = json.dumps(to_dict(config.model), sort_keys=True)
+        if key not in self._models:
+            self._models[key] = PatchCore(config.model, device=config.device, seed=config.seed)
+        return self._models[key]
+
+    def federated(self, config: ExperimentConfig, factories: list[int],
+                  fault: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Global banks {category: (M, d)} and a small report of one federation of the plan's
+        factories `factories` (ids 0..n-1); `fault` ("defects" or "noise") turns the last hostile."""
+        faults = (f"{factories[-1]}:{fault}",) if fault else ()
+        config = _variant(config, **{"federation.num_factories": len(factories), "federation.faults": faults,
+                                     "federation.min_clients": min(config.federation.min_clients, len(factories)),
+                                     "data.cache_dir": self.cache_dir})
+        sites = [Site(config, self.plan.shards[k], self.plan.shifts, model=self._model(config),
+                      root=self.plan.root, memo=self._memos.setdefault(k, {})) for k in factories]
+        run_dir = self.out / "federations" / f"{self.runs:02d}"
+        self.runs += 1
+        result = run_rounds(InProcessTransport(sites), config, run_dir, evaluate=False)
+        banks = {c: MemoryBank.load(run_dir / "federated" / "banks" / c).features
+                 for c in sorted(result["aggregation"])}
+        shutil.rmtree(run_dir / "federated" / "payloads", ignore_errors=True)  # banks + report stay
+        per_category: dict[str, dict[str, int]] = {}
+        for stats in result["factories"].values():
+            for c, st in stats["categories"].items():
+                row = per_category.setdefault(c, {"bytes_sent": 0, "raw_feature_bytes": 0})
+                row["bytes_sent"] += st["bytes_sent"]
+                row["raw_feature_bytes"] += raw_feature_bytes(st["num_patches"], self.data.train_dim)
+        release = {f"{name}.{k}": v for name, stats in result["factories"].items()
+                   for k, v in stats.get("release", {}).items()}
+        report = {"bytes_sent": {c: v["bytes_sent"] for c, v in per_category.items()},
+                  "raw_feature_bytes": {c: v["raw_feature_bytes"] for c, v in per_category.items()},
+                  "rejected": result["rejected"], "poisoning": result["poisoning"], "release": release,
+                  "run_dir": str(run_dir),
+                  "flagged": sorted({factory_name(k) for c in result["poisoning"].values()
+                                     for k in c.get("flagged", [])})}
+        return banks, report
 
     def centralized(self, config: ExperimentConfig, factories: list[int]) -> dict[str, torch.Tensor]:
         """One coreset per category over the union of the factories' (transformed) embeddings."""
@@ -167,29 +191,20 @@ class Replay:
         return banks
 
     def score(self, config: ExperimentConfig, banks: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-        """Metrics per category of `banks` on the extracted test set (queries transformed alike)."""
-        model = _Scorer(config)
+        """Metrics per category of `banks` on the extracted test set, scored by PatchCore's own
+        patch-score and map code (queries transformed as the bank's feature space says)."""
+        model = PatchCore.__new__(PatchCore)  # a scorer without a backbone: the embeddings exist
+        model.config, model.device = config.model, torch.device("cpu")
+        model.transform = feature_transform(config.model)
         out = {}
         for category, bank in sorted(banks.items()):
             test = self.data.test[category]
-            emb = test["emb"]
-            n, length, dim = emb.shape
-            queries = self._transformed(emb.reshape(n * length, dim), config)
-            dist, _ = MemoryBank(bank.float()).nearest(queries, k=config.model.num_neighbours)
-            patch = dist.mean(dim=1) if config.model.score_distance == "squared_l2" else dist.sqrt().mean(dim=1)
-            scores, maps = model.scores_from_patches(patch.reshape(n, *test["grid"]), test["size"])
+            model.bank = MemoryBank(bank.float(), nn_backend=config.model.nn_backend, ivfpq=config.model.ivfpq)
+            patch = model.patch_scores_from_embeddings(test["emb"], test["grid"], transformed=False)
+            scores, maps = model.scores_from_patches(patch, test["size"])
             scored = ScoredSet(test["records"], scores.numpy(), maps.numpy(), test["masks"], test["has_mask"])
             out[category] = scored.metrics()
         return out
-
-
-class _Scorer:
-    """PatchCore's patch-grid -> (image score, pixel map) step without a backbone."""
-
-    def __init__(self, config: ExperimentConfig) -> None:
-        self.config = config.model
-
-    scores_from_patches = PatchCore.scores_from_patches
 
 
 def _variant(base: ExperimentConfig, **changes: Any) -> ExperimentConfig:
@@ -222,7 +237,7 @@ def _row(label: str, metrics: dict[str, dict[str, Any]], **extra: Any) -> list[d
 def sweep_privacy(base: ExperimentConfig, replay: Replay, epsilons: tuple[float, ...]) -> list[dict[str, Any]]:
     if base.model.transform.clip_norm is None:
         raise ConfigError("the privacy sweep needs model.transform.clip_norm (set it in the config)")
-    factories = {k: k for k in range(base.federation.num_factories)}
+    factories = list(range(base.federation.num_factories))
     rows = []
     plain = _variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
     rows += _row("centralized, no clipping", replay.score(plain, replay.centralized(plain, list(factories))),
@@ -242,7 +257,7 @@ def sweep_privacy(base: ExperimentConfig, replay: Replay, epsilons: tuple[float,
 
 
 def sweep_encoding(base: ExperimentConfig, replay: Replay, encodings=ENCODINGS) -> list[dict[str, Any]]:
-    factories = {k: k for k in range(base.federation.num_factories)}
+    factories = list(range(base.federation.num_factories))
     plain = _variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
     rows = _row("centralized", replay.score(plain, replay.centralized(plain, list(factories))),
                 method="centralized")
@@ -267,10 +282,10 @@ def sweep_poisoning(base: ExperimentConfig, replay: Replay, modes=POISON_MODES) 
     poisoner = k - 1
     honest = {i: i for i in range(k)}
     rows = []
-    for attack, source in (("clean", poisoner), ("defect features", -1), ("noise", -2)):
+    for attack, fault in (("clean", None), ("defect features", "defects"), ("noise", "noise")):
         for mode in (("off",) if attack == "clean" else modes):
             config = _variant(base, **{"federation.poison_mode": mode if attack != "clean" else "flag"})
-            banks, report = replay.federated(config, {**honest, poisoner: source})
+            banks, report = replay.federated(config, list(honest), fault)
             flagged = report["flagged"]
             rows += _row(f"{attack}, screen {config.federation.poison_mode}", replay.score(config, banks),
                          method="federated", attack=attack, poison_mode=config.federation.poison_mode,
@@ -278,7 +293,7 @@ def sweep_poisoning(base: ExperimentConfig, replay: Replay, modes=POISON_MODES) 
                          poisoner_flagged=factory_name(poisoner) in flagged,
                          z_poisoner=_z(report, poisoner))
             print(f"{attack} / {mode}: flagged {flagged or 'none'}")
-    rows += _row("honest factories only", replay.score(base, replay.federated(base, {i: i for i in range(k - 1)})[0]),
+    rows += _row("honest factories only", replay.score(base, replay.federated(base, list(range(k - 1)))[0]),
                  method="federated", attack="none (poisoner absent)")
     return rows
 
@@ -345,12 +360,15 @@ def run_sweep(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     out = new_run_dir(base.output_dir, f"sweep-{args.kind}", args.out)
     manifest = Manifest(out, base, f"sweep-{args.kind}")
     manifest.write(status="running")
+    own_cache = not base.data.cache_dir  # a cache for this sweep only, removed at the end
+    if own_cache:
+        base = _variant(base, **{"data.cache_dir": str(out / "features")})
     bare = _variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
     raw = PatchCore(bare.model, device=base.device, seed=base.seed)  # raw embeddings: transforms per variant
     start = time.time()
     data = extract(base, plan, raw, poisoner, not args.quiet)
     manifest.time("extract", time.time() - start)
-    replay = Replay(base, data, not args.quiet)
+    replay = Replay(base, data, not args.quiet, plan, out)
     start = time.time()
     if args.kind == "privacy":
         epsilons = tuple(float(e) for e in args.epsilons) if args.epsilons else EPSILONS
@@ -362,6 +380,8 @@ def run_sweep(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     else:
         rows = sweep_poisoning(base, replay)
     manifest.time("variants", time.time() - start)
+    if own_cache:
+        shutil.rmtree(out / "features", ignore_errors=True)
     write_outputs(out, args.kind, rows, base)
     manifest.write(status="complete", rows=len(rows))
     columns = [c for c in ("variant", "category", "image_auroc", "pixel_auroc", "aupro", "bytes_sent", "sigma",

@@ -121,7 +121,8 @@ class Site:
     def __init__(self, config: ExperimentConfig, shard: FactoryShard,
                  shifts: Mapping[str, PairTransform] | None = None,
                  device: str | torch.device | None = None,
-                 model: PatchCore | None = None, root: Path | None = None) -> None:
+                 model: PatchCore | None = None, root: Path | None = None,
+                 memo: dict[tuple, torch.Tensor] | None = None) -> None:
         self.config = config
         self.fault = parse_faults(config.federation.faults, config.federation.num_factories).get(shard.name)
         self.shard = apply_to_shard(shard, self.fault)
@@ -134,7 +135,8 @@ class Site:
         self._model = model
         self.load_s = 0.0  # seconds spent building the backbone in this process (0: shared/reused)
         self.release_stats: dict[str, dict[str, float]] = {}
-        self._coresets: dict[tuple, torch.Tensor] = {}  # local coresets by settings (sweeps reuse them)
+        # Local coresets by (images, settings): a sweep passes one dict per factory across variants.
+        self._coresets: dict[tuple, torch.Tensor] = {} if memo is None else memo
         # Its own on-disk feature cache (data.cache_dir/<factory>): a rerun skips the backbone.
         self.cache = FeatureCache.under(config.data.cache_dir, self.name)
 
@@ -169,7 +171,9 @@ class Site:
         """The local coreset (n, D) of `features`, memoised per settings: a sweep that varies
         only what happens after the coreset (noise, encoding, screening) computes it once."""
         c, t = self.config.model.coreset, self.config.model.transform
-        key = (category, self.config.federation.local_ratio, self.config.seed, repr(c), repr(t), len(features))
+        images = tuple(str(r.path) for r in self._records("train", category))
+        key = (category, images, self.config.federation.local_ratio, self.config.seed, repr(c), repr(t),
+               self.model.backbone_id, len(features))
         if key not in self._coresets:
             self._coresets[key] = self.model.subsample(features, self.config.federation.local_ratio, False)
         return self._coresets[key]

@@ -132,8 +132,20 @@ class PatchCore:
         if self.bank is None:
             raise ConfigError("the model has no memory bank: fit it or load one first")
         emb, grid = self.embed(images)  # (B, L, D)
+        return self.patch_scores_from_embeddings(emb, grid)
+
+    def patch_scores_from_embeddings(self, emb: torch.Tensor, grid: tuple[int, int],
+                                     transformed: bool = True) -> torch.Tensor:
+        """Embeddings (B, L, D) of images -> their patch-score grids (B, h, w). `transformed=False`:
+        raw embeddings, to which model.transform (projection, clipping) is applied first (sweeps
+        score one extraction under several transforms)."""
+        if self.bank is None:
+            raise ConfigError("the model has no memory bank: fit it or load one first")
         b, n, d = emb.shape
-        dist, _ = self.bank.nearest(emb.reshape(b * n, d), k=self.config.num_neighbours)  # squared
+        flat = emb.reshape(b * n, d).to(self.device)
+        if not transformed and not self.transform.identity:
+            flat = self.transform(flat)
+        dist, _ = self.bank.nearest(flat, k=self.config.num_neighbours)  # squared
         patch = dist.mean(dim=1) if self.config.score_distance == "squared_l2" else dist.sqrt().mean(dim=1)
         return patch.reshape(b, *grid)  # (B, h, w)
 

@@ -4,6 +4,7 @@ quorum that is not met, and a run resumed from the payloads an earlier run saved
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -105,3 +106,35 @@ def test_cli_federate_quorum_failure_is_one_line_exit_2(tmp_path, capsys):
     assert not (tmp_path / "run" / "federated" / "banks").exists()
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["status"] == "failed: FederationError" and manifest["privacy"]["epsilon"] is None
+
+
+@pytest.mark.parametrize("command", ["federate", "compare"])
+def test_client_gpus_on_a_cpu_machine_is_one_line_exit_2_within_a_minute(command, tmp_path, capsys, monkeypatch):
+    """Ray could never place such a client: no hang until the round timeout, no traceback."""
+    import torch
+
+    from experiments.cli import main
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # this CPU machine, also on a GPU box
+    config = write_config(tmp_path, num_factories=3)
+    start = time.monotonic()
+    code = main([command, "--config", str(config), "--quiet", "--out", str(tmp_path / "run"),
+                 "--set", "federation.client_gpus=0.5"])
+    seconds = time.monotonic() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and seconds < 60
+    assert err == ["error: federation.client_gpus = 0.5 but this machine has 0 GPU(s): Ray could not "
+                   "place a single client; set it to 0 (or at most 0)"]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_client_cpus_above_the_machine_is_refused_before_ray(tmp_path):
+    from experiments.simulation import check_placeable
+    from federated.config import ExperimentConfig
+    from patchcore.config import load_config
+    from patchcore.errors import ConfigError
+
+    config = load_config(write_config(tmp_path), ExperimentConfig, {"federation.client_cpus": 3})
+    with pytest.raises(ConfigError, match=r"federation.client_cpus = 3 but this machine has 2 CPU"):
+        check_placeable(config, cpus=2, gpus=0)
+    check_placeable(config, cpus=4, gpus=0)  # fits: no error

@@ -21,10 +21,13 @@ pytestmark = pytest.mark.slow  # ~30 s: 5 factories x 2 products, Lite0 at 128 p
 def rows(tmp_path_factory):
     overrides = {"federation.num_factories": 5, "data.synthetic.n_train": 30,
                  "data.synthetic.n_test_defect": 15, "data.synthetic.n_test_good": 8,
-                 "data.root": str(tmp_path_factory.mktemp("synthetic")), "device": "cpu"}
+                 "data.root": str(tmp_path_factory.mktemp("synthetic")), "device": "cpu",
+                 "data.cache_dir": str(tmp_path_factory.mktemp("features"))}
     config = load_config("configs/default.yaml", ExperimentConfig, overrides)
-    data = extract(config, plan_factories(config), PatchCore(config.model, device="cpu"), 4, False)
-    return sweep_poisoning(config, Replay(config, data, False), modes=("off", "exclude", "filter"))
+    plan = plan_factories(config)
+    data = extract(config, plan, PatchCore(config.model, device="cpu"), 4, False)
+    replay = Replay(config, data, False, plan, tmp_path_factory.mktemp("sweep"))
+    return sweep_poisoning(config, replay, modes=("off", "exclude", "filter"))
 
 
 def pick(rows, variant: str) -> dict[str, dict]:

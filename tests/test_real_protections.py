@@ -21,13 +21,15 @@ pytestmark = pytest.mark.slow  # ~3 min on 2 cores: 322 + 100 images through Lit
 
 
 @pytest.fixture(scope="module")
-def replay(shared_mvtec):
+def replay(shared_mvtec, tmp_path_factory):
     from tests.conftest import REPO
 
     config = load_config(REPO / "configs" / "poisoning_sweep.yaml", ExperimentConfig,
-                         {"data.root": str(shared_mvtec), "device": "cpu"})
-    data = extract(config, plan_factories(config), PatchCore(config.model, device="cpu"), 4, False)
-    return config, Replay(config, data, False)
+                         {"data.root": str(shared_mvtec), "device": "cpu",
+                          "data.cache_dir": str(tmp_path_factory.mktemp("features"))})
+    plan = plan_factories(config)
+    data = extract(config, plan, PatchCore(config.model, device="cpu"), 4, False)
+    return config, Replay(config, data, False, plan, tmp_path_factory.mktemp("sweep"))
 
 
 @pytest.fixture(scope="module")

@@ -55,3 +55,43 @@ def test_sweep_without_clip_norm_is_one_line(tmp_path, capsys):
     assert main(["sweep", "privacy", "--config", str(config), "--quiet", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: the privacy sweep needs model.transform.clip_norm (set it in the config)"
+
+
+@pytest.mark.slow
+def test_a_sweep_variant_equals_a_federation_run_of_the_same_settings(tmp_path):
+    """The int8 encoding variant and `run_federation` (Flower on Ray) with payload_dtype int8
+    build the same global banks, and the sweep's scores are those of the real scoring path."""
+    import numpy as np
+
+    from experiments.simulation import run_federation
+    from federated.config import ExperimentConfig
+    from federated.plan import plan_factories
+    from patchcore.config import load_config
+    from patchcore.evaluation import score_records
+    from patchcore.memory_bank import MemoryBank
+    from patchcore.model import PatchCore
+
+    config_path = write_config(tmp_path)
+    assert main(["sweep", "encoding", "--config", str(config_path), "--quiet", "--out", str(tmp_path / "enc")]) == 0
+    saved = json.loads((tmp_path / "enc" / "sweep.json").read_text())["rows"]  # unrounded
+    rows = {(r["variant"], r["category"]): r for r in saved}
+    swept = tmp_path / "enc" / "federations" / "02"  # centralized, then float32, float16, int8
+    assert json.loads((swept / "federated" / "federation.json").read_text())["payload_dtype"] == "int8"
+    assert not (tmp_path / "enc" / "features").exists()  # the sweep's own feature cache is gone
+    overrides = {"federation.payload_dtype": "int8"}
+    report = run_federation(config_path, overrides, tmp_path / "ray")
+    assert report["status"] == "complete"
+    config = load_config(config_path, ExperimentConfig, overrides)
+    plan = plan_factories(config)
+    for category in ("disc", "stripes"):
+        ours = MemoryBank.load(swept / "federated" / "banks" / category)
+        theirs = MemoryBank.load(tmp_path / "ray" / "federated" / "banks" / category)
+        # same rows; values to float rounding (Ray's clients run torch with 1 thread, this process 2)
+        assert ours.features.shape == theirs.features.shape
+        assert np.allclose(ours.features.numpy(), theirs.features.numpy(), rtol=1e-5, atol=1e-9)
+        assert ours.metadata["kept_per_factory"] == theirs.metadata["kept_per_factory"]
+        model = PatchCore.from_bank(theirs, config.model, device="cpu")
+        test = [r for s in plan.shards for r in s.test if r.category == category]
+        metrics = score_records(model, test, config, plan.shifts, progress=False).metrics()
+        assert float(rows[("int8", category)]["image_auroc"]) == pytest.approx(metrics["image_auroc"], abs=1e-6)
+        assert float(rows[("int8", category)]["pixel_auroc"]) == pytest.approx(metrics["pixel_auroc"], abs=1e-6)
