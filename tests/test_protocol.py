@@ -1,0 +1,124 @@
+"""The protocol, the rounds over the in-process transport, and the run config: Flower-free and
+fast (no Ray, no SuperLink)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from federated.config import ExperimentConfig
+from federated.plan import DRIVER_KEY, FLAT_KEYS, experiment_config, plan_factories
+from federated.protocol import (EvaluateReply, EvaluateRequest, SiteInfo, TrainRequest, from_flower,
+                                natural_key, to_flower)
+from federated.rounds import InProcessTransport, run_rounds
+from federated.site import Site, detect_format, folder_shard
+from patchcore.config import load_config
+from patchcore.errors import ConfigError, DataError
+from server.app import refuse_unplaceable, run_server
+from tests.conftest import REPO
+from tests.test_simulation import write_config
+
+
+def test_site_info_and_replies_survive_flower_records():
+    info = SiteInfo("plant-lyon", {"disc": {"train": 3, "test": 2, "validation": 0},
+                                   "stripes.v2": {"train": 1, "test": 0, "validation": 0}})
+    back = SiteInfo.from_records(from_flower(to_flower(info.to_records())))
+    assert back == info and back.categories == ["disc", "stripes.v2"]
+    bank = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ask = EvaluateRequest.from_records(from_flower(to_flower(EvaluateRequest("a", 2, {"disc": bank}).to_records())))
+    assert ask.factory == "a" and ask.factory_id == 2 and np.array_equal(ask.banks["disc"], bank)
+    reply = EvaluateReply("a", {"disc": {"image_auroc": 0.75}, "x.y": {"aupro": 0.5}}, {"evaluate_s": 1.5})
+    assert EvaluateReply.from_records(from_flower(to_flower(reply.to_records()))) == reply
+    assert TrainRequest.from_records(TrainRequest("b", 7).to_records()) == TrainRequest("b", 7)
+
+
+def test_factory_ids_follow_the_natural_order_of_names():
+    names = ["factory-10", "factory-2", "plant-b", "factory-1", "plant-a"]
+    assert sorted(names, key=natural_key) == ["factory-1", "factory-2", "factory-10", "plant-a", "plant-b"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    config = load_config(write_config(folder), ExperimentConfig)
+    return config, plan_factories(config), folder
+
+
+def test_in_process_rounds_name_a_crash_once_and_refuse_a_second_claim(tiny, tmp_path):
+    config, plan, _ = tiny
+    config = load_config(write_config(tmp_path), ExperimentConfig, {"federation.faults": ["1:crash"]})
+    sites = [Site(config, s, plan.shifts, root=plan.root) for s in plan.shards]
+    impostor = Site(config, plan.shards[2], plan.shifts, root=plan.root)  # claims factory-2 again
+    report = run_rounds(InProcessTransport([*sites, impostor]), config, tmp_path / "run")
+    assert report["status"] == "complete" and report["phase"] == "done"
+    assert [(f["factory"], f["phase"]) for f in report["failed"]] == [("factory-1", "train")]
+    assert "injected fault" in report["failed"][0]["reason"]
+    assert report["refused"] == [{"factory": "factory-2", "node_id": 3,
+                                  "reason": "factory-2 already joined from node 2"}]
+    assert sorted(report["factories"]) == ["factory-0", "factory-2"]
+    assert report["aggregation"]["disc"]["factories"] == ["factory-0", "factory-2"]
+    assert sorted(report["per_factory_metrics"]) == ["factory-0", "factory-2"]
+    saved = json.loads((tmp_path / "run" / "federated" / "federation.json").read_text())
+    assert saved["sites"]["factory-0"]["train_images"] == len(plan.shards[0].train)
+
+
+def test_a_site_is_its_whole_folder_in_any_layout(tiny, tmp_path):
+    config, plan, _ = tiny
+    root = plan.root
+    shard, site_config = folder_shard(config, root, "plant-x")
+    everything = [r for s in plan.shards for r in s.train]
+    assert len(shard.train) == len(everything) and shard.name == "plant-x"
+    assert site_config.data.root == str(root) and site_config.data.format == "mvtec"
+    assert {r.domain for r in shard.train} == {"plant-x"}
+    only, _ = folder_shard(config, root, "plant-y", categories=("disc",))
+    assert {r.category for r in only.train} == {"disc"}
+    assert detect_format(root) == "mvtec"
+    (tmp_path / "cat" / "train" / "good" / "rgb").mkdir(parents=True)
+    assert detect_format(tmp_path) == "mvtec3d"
+    (tmp_path / "cat" / "defects_config.json").write_text("[]")
+    assert detect_format(tmp_path) == "autovi"
+    with pytest.raises(DataError, match="site plant-z: data-path .* is not a folder"):
+        folder_shard(config, tmp_path / "nope", "plant-z")
+    with pytest.raises(ConfigError, match="data-format 'png' must be one of"):
+        folder_shard(config, root, "plant-z", data_format="png")
+
+
+def test_pyproject_declares_every_run_config_key_the_apps_read():
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert {"config", "run-dir", "resume-from", "overrides", *FLAT_KEYS} == set(declared)
+    for key, (_, keep) in FLAT_KEYS.items():
+        assert declared[key] == keep and type(declared[key]) is type(keep), key  # typed, "keep" by default
+
+
+def test_flat_keys_override_the_yaml_and_keep_values_do_not(tiny):
+    _, _, folder = tiny
+    path = str(folder / "tiny.yaml")
+    config, _ = experiment_config({"config": path, "local-ratio": 0.5, "num-factories": 0, "seed": -1,
+                                   "payload-dtype": "int8", "overrides": '{"federation.local_ratio": 0.4}'})
+    assert config.federation.local_ratio == 0.4  # overrides JSON is applied last
+    assert config.federation.payload_dtype == "int8" and config.federation.num_factories == 3 and config.seed == 0
+    with pytest.raises(ConfigError, match="federation.payload_dtype"):
+        experiment_config({"config": path, "payload-dtype": "bf16"})
+
+
+def test_settings_flwr_run_cannot_honour_are_refused_not_ignored(tiny):
+    _, _, folder = tiny
+    config = load_config(folder / "tiny.yaml", ExperimentConfig, {"federation.client_gpus": 0.5})
+    with pytest.raises(ConfigError, match=r"federation.client_gpus is not honoured under `flwr run`.*num-gpus"):
+        refuse_unplaceable(config, {})
+    refuse_unplaceable(config, {DRIVER_KEY: "ray"})  # fedpatch's own driver places them
+
+
+def test_the_server_wants_an_absolute_run_dir(tiny):
+    _, _, folder = tiny
+
+    class Context:
+        run_config = {"config": str(folder / "tiny.yaml"), "run-dir": "results/x"}
+
+    with pytest.raises(ConfigError, match="'run-dir' must be an absolute folder"):
+        run_server(None, Context(), {})
+    assert Path("results/x").exists() is False
