@@ -4,7 +4,9 @@ One SuperLink and one SuperNode per site, each a separate OS process on loopback
 pointed at its own image folder (`--node-config "data-path='...' factory='...'"`); TLS with a
 certificate authority made here (the `cryptography` package, a Flower dependency); SuperNode
 authentication (flwr 1.41: only nodes whose public key was registered with `flwr supernode
-register` may join); the federation started with `flwr run`, its log streamed, its final status
+register` may join, and each factory name is bound to the node its key got: the run config's
+"site-nodes" makes the server refuse any other node claiming it); the federation started with
+`flwr run`, its log streamed, its final status
 read back with `flwr ls`, so a ServerApp failure ends in one line and a non-zero exit (plain
 `flwr run` exits 0 then). Every process started is stopped, by PID: SuperLink, SuperNodes and
 whatever they spawned (Flower's executors and ClientApp processes), also when the run fails.
@@ -20,6 +22,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -128,6 +131,7 @@ class Deployment:
     echo: IO[str] | None = None  # where the run's log is streamed (None: only to logs/flwr-run.log)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    bindings: dict[str, int] = field(default_factory=dict)  # factory -> node id of its registered key
 
     def __post_init__(self) -> None:
         self.work = self.run_dir / "deploy"
@@ -216,13 +220,15 @@ class Deployment:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{certs["ca"]}"\n')
         self._wait_port()
-        for site in self.sites:
-            private, public = make_node_key(self.work / "keys", site.name)
+        for k, site in enumerate(self.sites):
+            private, public = make_node_key(self.work / "keys", f"{k}-{site.name}")
             done = self._cli("supernode", "register", str(public), CONNECTION)
-            if done.returncode != 0:
+            found = re.search(r"SuperNode (\d+) registered", done.stdout + done.stderr)
+            if done.returncode != 0 or not found:
                 raise DeployError(f"registering site {site.name} failed: {_last_line(done)}")
+            self.bindings.setdefault(site.name, int(found.group(1)))  # the first key of a name binds it
             node_config = f"data-path='{site.path}' factory='{site.name}'"
-            self._spawn(f"site-{site.name}", [
+            self._spawn(f"site-{site.name}" + (f"-{k}" if f"site-{site.name}" in self.processes else ""), [
                 _bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                 "--root-certificates", str(certs["ca"]), "--auth-supernode-private-key", str(private),
                 "--port", str(free_port()), "--node-config", node_config], self.work / f"site-{site.name}")
@@ -250,7 +256,8 @@ class Deployment:
     def submit(self) -> int:
         """Start the federation with `flwr run`; returns its run id."""
         settings = {"config": str(self.config_path), "run-dir": str(self.run_dir),
-                    "overrides": json.dumps(self.overrides, sort_keys=True)}
+                    "overrides": json.dumps(self.overrides, sort_keys=True),
+                    "site-nodes": json.dumps(self.bindings, sort_keys=True)}
         run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
         done = self._cli("run", str(PROJECT), CONNECTION, "--run-config", run_config, "--format", "json")
         try:

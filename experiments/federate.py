@@ -42,7 +42,7 @@ def run_federate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     rows = [{"factory": name, "bytes_sent": s.get("bytes_sent"), "upload_ratio": s.get("upload_ratio"),
              "resumed": "yes" if "resumed_from" in s else ""} for name, s in sorted(report["factories"].items())]
     print(format_table(rows, ("factory", "bytes_sent", "upload_ratio", "resumed")))
-    for kind in ("failed", "missing", "rejected"):
+    for kind in ("failed", "missing", "refused", "rejected"):
         for entry in report.get(kind, []):
             print(f"{kind}: {entry.get('factory') or 'node ' + str(entry.get('node_id'))}: {entry['reason']}")
     for category, screen in sorted(report.get("poisoning", {}).items()):

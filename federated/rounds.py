@@ -134,9 +134,10 @@ def exchange(transport: Transport, kind: str, requests: Mapping[int, Records], t
 
 
 def identify(transport: Transport, nodes: Sequence[int], config: ExperimentConfig,
-             report: dict[str, Any]) -> dict[int, SiteInfo]:
-    """{node: what its site announced}; a second node claiming a factory that already joined is
-    refused (report["refused"]) and takes no further part."""
+             report: dict[str, Any], bindings: Mapping[str, int] | None = None) -> dict[int, SiteInfo]:
+    """{node: what its site announced}. A node is refused (report["refused"], no further part)
+    when it claims a factory that already joined, or, with `bindings` ({factory: node id}, e.g.
+    from SuperNode registration), a factory bound to another node or not bound at all."""
     f = config.federation
     replies = exchange(transport, IDENTIFY, {n: {} for n in nodes}, f.identify_timeout_s, report)
     sites: dict[int, SiteInfo] = {}
@@ -148,8 +149,14 @@ def identify(transport: Transport, nodes: Sequence[int], config: ExperimentConfi
             report["failed"].append({"factory": None, "node_id": node, "phase": "identify",
                                      "reason": f"unreadable reply: {type(exc).__name__}: {exc}"})
             continue
-        if info.factory in owner:
+        reason = ""
+        if bindings is not None and info.factory not in bindings:
+            reason = f"{info.factory} is not one of this federation's registered factories"
+        elif bindings is not None and int(bindings[info.factory]) != node:
+            reason = f"{info.factory} is bound to node {bindings[info.factory]}"
+        elif info.factory in owner:
             reason = f"{info.factory} already joined from node {owner[info.factory]}"
+        if reason:
             log.warning("refused node %d: %s", node, reason)
             report["refused"].append({"factory": info.factory, "node_id": node, "reason": reason})
             continue
@@ -227,9 +234,11 @@ class _Laps:
 
 
 def run_rounds(transport: Transport, config: ExperimentConfig, run_dir: str | Path,
-               resume_from: str | Path | None = None, evaluate: bool = True) -> dict[str, Any]:
+               resume_from: str | Path | None = None, evaluate: bool = True,
+               bindings: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The whole federation; returns the report, also written to run_dir/federated/federation.json
-    (even when the run fails: status "failed: ...", then the exception propagates)."""
+    (even when the run fails: status "failed: ...", then the exception propagates). `bindings`:
+    {factory: node id} that alone may speak for it (see `identify`)."""
     run_dir = Path(run_dir)
     report = new_report(config)
     f = config.federation
@@ -241,7 +250,7 @@ def run_rounds(transport: Transport, config: ExperimentConfig, run_dir: str | Pa
         lap("setup", "wait_nodes")
         report["nodes"] = wait_for_nodes(transport, f.num_factories, f.node_timeout_s)
         lap("wait_nodes", "identify")
-        sites = identify(transport, report["nodes"], config, report)
+        sites = identify(transport, report["nodes"], config, report, bindings)
         names = {node: info.factory for node, info in sites.items()}
         ids = {name: k for k, name in enumerate(sorted(set(names.values()) | set(held), key=natural_key))}
         lap("identify", "train")

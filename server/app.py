@@ -7,11 +7,13 @@ answers), because the SuperLink itself answers for a SuperNode that died (its se
 SuperLink, not the node). The server holds no images and needs no data root: the sites say what
 they have. It reads the run config: "config" (YAML), the flat keys of [tool.flwr.app.config],
 "overrides", "run-dir" (an absolute folder on the machine that runs the ServerApp: the
-SuperLink's) and "resume-from" (an earlier run folder whose received payloads are reused).
+SuperLink's), "resume-from" (an earlier run folder whose received payloads are reused) and
+"site-nodes" (JSON {factory: node id}: which registered node may speak for each factory).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -96,7 +98,20 @@ def run_server(grid: Grid, context: Context, defaults: Mapping[str, Any]) -> dic
                           f"working directory")
     refuse_unplaceable(config, settings)
     resume_from = str(settings.get("resume-from", "") or "") or None
-    return run_rounds(GridTransport(grid), config, Path(run_dir), resume_from)
+    return run_rounds(GridTransport(grid), config, Path(run_dir), resume_from,
+                      bindings=site_bindings(settings.get("site-nodes", "")))
+
+
+def site_bindings(text: Any) -> dict[str, int] | None:
+    """The run config's "site-nodes": JSON {factory: node id} (the node each factory's registered
+    key got); "" means no binding (the first node to claim a factory speaks for it)."""
+    if not str(text or "").strip():
+        return None
+    try:
+        value = json.loads(str(text))
+        return {str(k): int(v) for k, v in value.items()}
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        raise ConfigError(f"run config 'site-nodes' must be a JSON object {{factory: node id}}, got {text!r}") from None
 
 
 def build_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:

@@ -158,10 +158,12 @@ def test_client_problems_say_none_or_name_the_client(tmp_path):
     run = _fake_compare(tmp_path / "compare-x", "t")
     (run / "results.json").write_text(json.dumps({"federation": {
         "failed": [{"factory": None, "node_id": 7, "reason": "boom"}], "missing": ["factory-2"],
+        "refused": [{"factory": "factory-0", "node_id": 9, "reason": "factory-0 is bound to node 4"}],
         "rejected": [{"factory": "factory-1", "reason": "bad payload"}],
         "poisoning": {"tire": {"mode": "exclude", "reasons": {"3": "factory-3: 99th-percentile ... above"}}}}}))
     table = data.client_problems(data.as_run(run))
     assert table.values.tolist() == [["failed", "node 7", "node_id: 7; reason: boom"], ["missing", "factory-2", ""],
+                                     ["refused", "factory-0", "node_id: 9; reason: factory-0 is bound to node 4"],
                                      ["rejected", "factory-1", "reason: bad payload"],
                                      ["poisoning flagged", "factory-3", "tire: 99th-percentile ... above"]]
 
@@ -268,5 +270,5 @@ def test_app_federation_view_has_bars_uploads_and_clients(app, run):
     uploads = federation.dataframe[1].value
     assert (uploads["bytes_sent"] > 0).all() and len(uploads) == 2
     clients = federation.table[0].value
-    assert clients["client"].tolist() == ["none", "none", "none", "none"]
+    assert clients["client"].tolist() == ["none", "none", "none", "none", "none"]
     assert _count(federation, "image") == 5  # per-factory and per-category bars (x2 each), uploads

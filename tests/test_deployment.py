@@ -82,7 +82,8 @@ def test_three_sites_each_with_its_own_folder_federate_over_tls(sites, tmp_path)
     assert config.data.root == ""  # the server has no data root: only the sites read images
     specs = [SiteSpec(name, path) for name, path in sites.items()]
     counts = check_sites(config, specs)
-    deployment = Deployment(config_path, specs, tmp_path / "run")
+    impostor = SiteSpec("plant-a", sites["plant-c"])  # a registered node that claims plant-a too
+    deployment = Deployment(config_path, [*specs, impostor], tmp_path / "run")
     try:
         deployment.start()
         report = deployment.run()
@@ -90,6 +91,10 @@ def test_three_sites_each_with_its_own_folder_federate_over_tls(sites, tmp_path)
         deployment.stop()
     _no_process_left(deployment)
     assert report["status"] == "complete" and not report["failed"] and not report["missing"]
+    bound = deployment.bindings["plant-a"]
+    assert [r["factory"] for r in report["refused"]] == ["plant-a"]
+    assert report["refused"][0]["reason"] == f"plant-a is bound to node {bound}"
+    assert report["refused"][0]["node_id"] != bound == report["sites"]["plant-a"]["node_id"]
     for name, folder in sites.items():
         train = len(list(folder.glob("*/train/good/*.png")))
         assert report["sites"][name]["train_images"] == train == counts[name]["train"]

@@ -18,7 +18,7 @@ from federated.rounds import InProcessTransport, run_rounds
 from federated.site import Site, detect_format, folder_shard
 from patchcore.config import load_config
 from patchcore.errors import ConfigError, DataError
-from server.app import refuse_unplaceable, run_server
+from server.app import refuse_unplaceable, run_server, site_bindings
 from tests.conftest import REPO
 from tests.test_simulation import write_config
 
@@ -89,7 +89,7 @@ def test_a_site_is_its_whole_folder_in_any_layout(tiny, tmp_path):
 
 def test_pyproject_declares_every_run_config_key_the_apps_read():
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert {"config", "run-dir", "resume-from", "overrides", *FLAT_KEYS} == set(declared)
+    assert {"config", "run-dir", "resume-from", "site-nodes", "overrides", *FLAT_KEYS} == set(declared)
     for key, (_, keep) in FLAT_KEYS.items():
         assert declared[key] == keep and type(declared[key]) is type(keep), key  # typed, "keep" by default
 
@@ -122,3 +122,18 @@ def test_the_server_wants_an_absolute_run_dir(tiny):
     with pytest.raises(ConfigError, match="'run-dir' must be an absolute folder"):
         run_server(None, Context(), {})
     assert Path("results/x").exists() is False
+
+
+def test_bound_factories_are_spoken_for_only_by_their_node(tiny, tmp_path):
+    config, plan, _ = tiny
+    sites = [Site(config, s, plan.shifts, root=plan.root) for s in plan.shards]
+    bindings = {"factory-0": 0, "factory-2": 7}  # factory-1 is not registered; factory-2 is node 7's
+    report = run_rounds(InProcessTransport(sites), config, tmp_path / "run", evaluate=False,
+                        bindings=bindings)
+    assert report["refused"] == [
+        {"factory": "factory-1", "node_id": 1, "reason": "factory-1 is not one of this federation's registered factories"},
+        {"factory": "factory-2", "node_id": 2, "reason": "factory-2 is bound to node 7"}]
+    assert sorted(report["factories"]) == ["factory-0"] and not report["failed"]
+    with pytest.raises(ConfigError, match="'site-nodes' must be a JSON object"):
+        site_bindings("[1, 2]")
+    assert site_bindings("") is None and site_bindings('{"a": "3"}') == {"a": 3}

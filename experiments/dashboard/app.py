@@ -203,7 +203,7 @@ def uploads_and_clients(run: data.Run) -> None:
             _show(figures.upload_bars(uploads))
             st.dataframe(uploads, hide_index=True)
     with right:
-        st.subheader("Clients: failed, missing, rejected")
+        st.subheader("Clients: failed, missing, refused, rejected")
         st.table(data.client_problems(run))
 
 

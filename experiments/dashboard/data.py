@@ -199,11 +199,11 @@ def uploads(run: Run) -> pd.DataFrame:
 
 
 def client_problems(run: Run) -> pd.DataFrame:
-    """One row per failed, missing or rejected client, and per factory the poisoning screen
-    flagged ("none" rows when a list is empty)."""
+    """One row per failed, missing, refused or rejected client, and per factory the poisoning
+    screen flagged ("none" rows when a list is empty)."""
     federation = read_json(run.path / "results.json").get("federation", {})
     rows = []
-    for kind in ("failed", "missing", "rejected"):
+    for kind in ("failed", "missing", "refused", "rejected"):
         entries = federation.get(kind) or []
         if not entries:
             rows.append({"problem": kind, "client": "none", "detail": ""})
