@@ -243,10 +243,7 @@ class Deployment:
                     raise DeployError(f"{name} exited (code {process.returncode}); see "
                                       f"{self.work / 'logs' / (name + '.log')}")
             listed = self._cli("supernode", "list", CONNECTION, "--format", "json", timeout=30)
-            try:
-                nodes = json.loads(listed.stdout).get("nodes", [])
-            except json.JSONDecodeError:
-                nodes = []
+            nodes = _json_out(listed.stdout).get("nodes", [])
             if sum(1 for n in nodes if str(n.get("status", "")).startswith("online")) >= expected:
                 return
             time.sleep(1.0)
@@ -258,14 +255,16 @@ class Deployment:
         settings = {"config": str(self.config_path), "run-dir": str(self.run_dir),
                     "overrides": json.dumps(self.overrides, sort_keys=True),
                     "site-nodes": json.dumps(self.bindings, sort_keys=True)}
-        run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+        if any("'" in v for v in settings.values()):
+            raise ConfigError(f"a path or value holds a single quote, which Flower's --run-config cannot "
+                              f"carry: {settings}")
+        run_config = " ".join(f"{k}='{v}'" for k, v in settings.items())  # TOML literal strings
         done = self._cli("run", str(PROJECT), CONNECTION, "--run-config", run_config, "--format", "json")
-        try:
-            answer = json.loads(done.stdout)
-        except json.JSONDecodeError:
-            answer = {}
+        answer = _json_out(done.stdout)
         if done.returncode != 0 or not answer.get("success"):
-            raise DeployError(f"`flwr run` was refused: {answer.get('error') or _last_line(done)}")
+            (self.work / "logs" / "flwr-run.log").write_text(done.stdout + done.stderr)
+            why = answer.get("error-message") or answer.get("error") or _last_line(done)
+            raise DeployError(f"`flwr run` was refused: {why} (see {self.work / 'logs' / 'flwr-run.log'})")
         self._submitted = time.perf_counter()
         return int(answer["run-id"])
 
@@ -293,13 +292,26 @@ class Deployment:
     def status(self, run_id: int) -> tuple[str, str]:
         done = self._cli("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=30)
         try:
-            run = json.loads(done.stdout)["runs"][0]
+            run = _json_out(done.stdout)["runs"][0]
             return str(run.get("status", "")), str(run.get("status-details", ""))
-        except (json.JSONDecodeError, KeyError, IndexError):
+        except (KeyError, IndexError):
             return "unknown", _last_line(done)
 
     def run(self) -> dict[str, Any]:
         return self.wait(self.submit())
+
+
+def _json_out(text: str) -> dict[str, Any]:
+    """The JSON object a `flwr ... --format json` command printed (after any other lines)."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("{"):
+            try:
+                value = json.loads("\n".join(lines[i:]))
+                return value if isinstance(value, dict) else {}
+            except json.JSONDecodeError:
+                continue
+    return {}
 
 
 def _last_line(done: subprocess.CompletedProcess) -> str:

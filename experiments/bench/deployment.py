@@ -29,7 +29,7 @@ NAMES = ("plant-a", "plant-b", "plant-c")
 
 
 def link(src: Path, root: Path, dest_root: Path) -> None:
-    dest = dest_root / src.relative_to(root)
+    dest = dest_root / src.resolve().relative_to(root.resolve())
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not dest.exists():
         os.symlink(src.resolve(), dest)
