@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("kind", choices=("privacy", "encoding", "poisoning"))
     common(sw)
     sw.add_argument("--epsilons", nargs="+", metavar="EPS", help="privacy: ε values (inf allowed); default 0.5 1 2 4 8 inf")
+    sw.add_argument("--keep-banks", action="store_true", help="keep each variant's global banks (federations/NN/)")
     sw.set_defaults(func=cmd_sweep)
     dash = sub.add_parser("dashboard", help="Streamlit dashboard: per-image decisions, heatmaps, federation view")
     dash.add_argument("results_dir", nargs="?", default="results", metavar="RESULTS_DIR",

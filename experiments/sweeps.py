@@ -8,7 +8,7 @@ local coreset, noise, encoding, validation, poisoning screen, coreset of coreset
 their features from the cache (a variant that projects them extracts once more, into its own
 feature space) and reuse their local coresets when only later steps change. The global banks are
 scored by PatchCore's own scoring code on the union test set's extracted embeddings. Each
-variant's banks and federation.json stay under federations/NN/.
+variant's federation.json (and, with --keep-banks, its global banks) stays under federations/NN/.
 
 - privacy: ε ∈ {0.5, 1, 2, 4, 8, ∞} (δ, clip_norm from the config). A centralized PatchCore with
   the same clipping (no noise: it releases nothing) and one without clipping are the references.
@@ -118,8 +118,8 @@ class Replay:
     factory; centralized references and scoring reuse the embeddings extracted once."""
 
     def __init__(self, config: ExperimentConfig, data: Extracted, progress: bool,
-                 plan: FactoryPlan | None = None, out: Path | None = None) -> None:
-        self.config, self.data, self.progress = config, data, progress
+                 plan: FactoryPlan | None = None, out: Path | None = None, keep_banks: bool = False) -> None:
+        self.config, self.data, self.progress, self.keep_banks = config, data, progress, keep_banks
         self.plan = plan if plan is not None else plan_factories(config)
         self.out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedpatch-sweep-"))
         self._coresets: dict[tuple, torch.Tensor] = {}
@@ -164,7 +164,9 @@ class Replay:
         result = run_rounds(InProcessTransport(sites), config, run_dir, evaluate=False)
         banks = {c: MemoryBank.load(run_dir / "federated" / "banks" / c).features
                  for c in sorted(result["aggregation"])}
-        shutil.rmtree(run_dir / "federated" / "payloads", ignore_errors=True)  # banks + report stay
+        shutil.rmtree(run_dir / "federated" / "payloads", ignore_errors=True)  # the report stays
+        if not self.keep_banks:  # a tire bank is ~70 MB a variant: kept on request only
+            shutil.rmtree(run_dir / "federated" / "banks", ignore_errors=True)
         per_category: dict[str, dict[str, int]] = {}
         for stats in result["factories"].values():
             for c, st in stats["categories"].items():
@@ -368,7 +370,7 @@ def run_sweep(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     start = time.time()
     data = extract(base, plan, raw, poisoner, not args.quiet)
     manifest.time("extract", time.time() - start)
-    replay = Replay(base, data, not args.quiet, plan, out)
+    replay = Replay(base, data, not args.quiet, plan, out, keep_banks=getattr(args, "keep_banks", False))
     start = time.time()
     if args.kind == "privacy":
         epsilons = tuple(float(e) for e in args.epsilons) if args.epsilons else EPSILONS

@@ -23,6 +23,10 @@ def test_encoding_sweep_writes_table_plots_and_halves_bytes(tmp_path):
     assert main(["sweep", "encoding", "--config", str(config), "--quiet", "--out", str(tmp_path / "enc")]) == 0
     run = tmp_path / "enc"
     assert {"sweep.csv", "report.md", "manifest.json", "image_auroc.png", "auroc_vs_bytes.png"} <= {p.name for p in run.iterdir()}
+    variants = sorted(p.name for p in (run / "federations").iterdir())
+    assert variants == ["00", "01", "02"]  # one federation per encoding, each with its report only
+    assert all((run / "federations" / v / "federated" / "federation.json").is_file() for v in variants)
+    assert not any((run / "federations" / v / "federated" / "banks").exists() for v in variants)
     rows = {(r["variant"], r["category"]): r for r in rows_of(run)}
     for category in ("disc", "stripes"):
         fp32, fp16, int8 = (rows[(v, category)] for v in ("float32", "float16", "int8"))
@@ -72,7 +76,8 @@ def test_a_sweep_variant_equals_a_federation_run_of_the_same_settings(tmp_path):
     from patchcore.model import PatchCore
 
     config_path = write_config(tmp_path)
-    assert main(["sweep", "encoding", "--config", str(config_path), "--quiet", "--out", str(tmp_path / "enc")]) == 0
+    assert main(["sweep", "encoding", "--config", str(config_path), "--quiet", "--keep-banks",
+                 "--out", str(tmp_path / "enc")]) == 0
     saved = json.loads((tmp_path / "enc" / "sweep.json").read_text())["rows"]  # unrounded
     rows = {(r["variant"], r["category"]): r for r in saved}
     swept = tmp_path / "enc" / "federations" / "02"  # centralized, then float32, float16, int8
