@@ -137,3 +137,19 @@ def test_bound_factories_are_spoken_for_only_by_their_node(tiny, tmp_path):
     with pytest.raises(ConfigError, match="'site-nodes' must be a JSON object"):
         site_bindings("[1, 2]")
     assert site_bindings("") is None and site_bindings('{"a": "3"}') == {"a": 3}
+
+
+@pytest.mark.parametrize("layout, fmt, train, test", [
+    ("make_mvtec_tree", "mvtec", 3, 5), ("make_mvtec3d_tree", "mvtec3d", 2, 4),
+    ("make_autovi_tree", "autovi", 2, 3)])
+def test_site_folders_in_each_layout_are_detected_and_read_whole(tiny, tmp_path, layout, fmt, train, test):
+    import tests.test_data_loaders as fixtures
+
+    config, _, _ = tiny
+    root = getattr(fixtures, layout)(tmp_path / "site")
+    site = Site.from_folder(config, root, "plant-q")
+    info = site.info()
+    assert site.config.data.format == fmt and info.factory == "plant-q"
+    (category,) = info.categories
+    assert info.counts[category]["train"] == train and info.counts[category]["test"] == test
+    assert site._model is None  # announcing who it is loads no backbone
