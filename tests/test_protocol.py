@@ -153,3 +153,16 @@ def test_site_folders_in_each_layout_are_detected_and_read_whole(tiny, tmp_path,
     (category,) = info.categories
     assert info.counts[category]["train"] == train and info.counts[category]["test"] == test
     assert site._model is None  # announcing who it is loads no backbone
+
+
+def test_cli_deploy_bad_site_is_one_line_exit_2_before_any_process(tiny, tmp_path, capsys):
+    from experiments.cli import main
+
+    _, _, folder = tiny
+    for site, message in ((f"plant-a={tmp_path / 'nowhere'}", "error: site plant-a: data-path "),
+                          ("plant-a", "error: --site expects NAME=FOLDER, got 'plant-a'")):
+        code = main(["deploy", "--config", str(folder / "tiny.yaml"), "--site", site, "--quiet",
+                     "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith(message) and "\n" not in err
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
