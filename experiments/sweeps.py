@@ -55,7 +55,7 @@ from patchcore.coreset import coreset_size, greedy_coreset
 from patchcore.errors import ConfigError
 from patchcore.evaluation import ScoredSet, loader_for
 from patchcore.memory_bank import MemoryBank, atomic_write_bytes
-from patchcore.model import PatchCore, backbone_id, feature_transform
+from patchcore.model import PatchCore, feature_transform
 
 KINDS = ("privacy", "encoding", "poisoning")
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)

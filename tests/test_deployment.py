@@ -6,7 +6,6 @@ killed during train. The server process gets no data root: only the sites read i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import threading
