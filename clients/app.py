@@ -37,14 +37,13 @@ _CACHE: dict[str, Any] = {"key": None, "plan": None, "model": None, "sites": {}}
 # simulated factories: with 100 factories an unbounded dict would keep 100 shards' state per
 # actor. A Site is cheap to rebuild: the backbone is shared and stays loaded.
 MAX_SITES = 8
-NODE_KEYS = ("data-path", "factory", "data-format", "categories", "device",
-             "partition-id", "num-partitions")
+SITE_KEYS = ("data-path", "factory", "data-format", "categories", "device")  # a deployed site
 
 
 def _site_key(config: ExperimentConfig, node: Mapping[str, Any]) -> str:
     """Which Site a node config means, for the cache."""
     if "data-path" in node:
-        return json.dumps({k: str(node.get(k, "")) for k in NODE_KEYS[:5]}, sort_keys=True)
+        return json.dumps({k: str(node.get(k, "")) for k in SITE_KEYS}, sort_keys=True)
     if "partition-id" not in node:
         raise ConfigError("node config has neither 'data-path' (a site's own folder) nor "
                           "'partition-id' (a simulated shard): start the supernode with "
@@ -88,7 +87,7 @@ def site_for(config: ExperimentConfig, node: Mapping[str, Any]) -> Site:
             sites.pop(next(iter(sites)))  # the least recently used
         sites[which] = _build_site(config, node)
     sites[which] = site = sites.pop(which)  # most recently used last
-    if site._model is not None:
+    if site._model is not None:  # a backbone built elsewhere (or handed in): share it
         _CACHE["model"] = site._model
     return site
 
@@ -99,7 +98,7 @@ def handle(message: Message, context: Context, defaults: Mapping[str, Any]) -> M
     site = site_for(config, context.node_config)
     records = from_flower(message.content) if message.has_content() else {}
     reply = site.answer(message.metadata.message_type, records)
-    if site._model is not None:
+    if site._model is not None:  # built during this message: the next Site reuses it
         _CACHE["model"] = site._model
     return Message(to_flower(reply), reply_to=message)
 

@@ -145,16 +145,17 @@ class Deployment:
         self._logs: list[IO[bytes]] = []
 
     # -- processes --------------------------------------------------------------------------
-    def _home(self, name: str) -> Path:
+    def _env(self, name: str) -> dict[str, str]:
+        """The environment of one process (or of the `flwr` CLI, "cli"): its own FLWR_HOME."""
         home = self.work / "homes" / name
         home.mkdir(parents=True, exist_ok=True)
-        return home
+        return {**self.env, "FLWR_HOME": str(home)}
 
     def _spawn(self, name: str, args: list[str], cwd: Path) -> subprocess.Popen:
         log = open(self.work / "logs" / f"{name}.log", "ab")
         self._logs.append(log)
         cwd.mkdir(parents=True, exist_ok=True)
-        process = subprocess.Popen(args, cwd=cwd, env={**self.env, "FLWR_HOME": str(self._home(name))},
+        process = subprocess.Popen(args, cwd=cwd, env=self._env(name),
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)  # its own group: stopped as one
         self.processes[name] = process
@@ -162,8 +163,7 @@ class Deployment:
 
     def _cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """`flwr ...` against this deployment's SuperLink (connection "fedpatch")."""
-        env = {**self.env, "FLWR_HOME": str(self.work / "homes" / "cli")}
-        return subprocess.run([_bin("flwr"), *args], cwd=PROJECT, env=env, capture_output=True,
+        return subprocess.run([_bin("flwr"), *args], cwd=PROJECT, env=self._env("cli"), capture_output=True,
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM) -> None:
@@ -216,7 +216,7 @@ class Deployment:
             str(certs["cert"]), "--ssl-keyfile", str(certs["key"]), "--enable-supernode-auth",
             "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
             "--port", str(self.port), "--database", str(self.work / "superlink.db")], self.work / "superlink")
-        (self._home("cli") / "config.toml").write_text(
+        (Path(self._env("cli")["FLWR_HOME"]) / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{certs["ca"]}"\n')
         self._wait_port()
@@ -271,9 +271,9 @@ class Deployment:
     def wait(self, run_id: int) -> dict[str, Any]:
         """Stream the run's log until it ends; its report, or DeployError naming why it failed."""
         with open(self.work / "logs" / "flwr-run.log", "w") as log:
-            env = {**self.env, "FLWR_HOME": str(self.work / "homes" / "cli")}
             stream = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], cwd=PROJECT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                      env=self._env("cli"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
             for line in stream.stdout:  # type: ignore[union-attr]
                 log.write(line)
                 if self.echo is not None:

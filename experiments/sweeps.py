@@ -30,7 +30,6 @@ import dataclasses
 import json
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,11 +50,11 @@ from federated.rounds import InProcessTransport, run_rounds
 from federated.site import Site
 from patchcore.cache import FeatureCache
 from patchcore.config import TransformConfig, load_config, to_dict
-from patchcore.coreset import coreset_size, greedy_coreset
 from patchcore.errors import ConfigError
 from patchcore.evaluation import ScoredSet, loader_for
 from patchcore.memory_bank import MemoryBank, atomic_write_bytes
-from patchcore.model import PatchCore, feature_transform
+from patchcore.model import (PatchCore, feature_transform, patch_scores, scores_from_patches,
+                             subsample)
 
 KINDS = ("privacy", "encoding", "poisoning")
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
@@ -117,31 +116,21 @@ class Replay:
     read from the feature cache after the first variant and its local coresets memoised per
     factory; centralized references and scoring reuse the embeddings extracted once."""
 
-    def __init__(self, config: ExperimentConfig, data: Extracted, progress: bool,
-                 plan: FactoryPlan | None = None, out: Path | None = None, keep_banks: bool = False) -> None:
+    def __init__(self, config: ExperimentConfig, data: Extracted, progress: bool, plan: FactoryPlan,
+                 out: Path, keep_banks: bool = False) -> None:
+        """`config.data.cache_dir` should be the cache `extract` filled: the sites read their
+        training features from it (without one, every variant runs the backbone again)."""
         self.config, self.data, self.progress, self.keep_banks = config, data, progress, keep_banks
-        self.plan = plan if plan is not None else plan_factories(config)
-        self.out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedpatch-sweep-"))
+        self.plan, self.out = plan, Path(out)
         self._coresets: dict[tuple, torch.Tensor] = {}
         self._memos: dict[int, dict[tuple, torch.Tensor]] = {}  # per factory, across variants
         self._models: dict[str, PatchCore] = {}  # one backbone per model config
-        # Sites read their training features from this cache after the first variant.
-        self.cache_dir = config.data.cache_dir or str(self.out / "features")
         self.runs = 0
 
     def _transformed(self, x: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
         t = feature_transform(config.model)
         return x if t.identity else t(x)
 
-    def _coreset(self, x: torch.Tensor, ratio: float, config: ExperimentConfig, key: tuple) -> torch.Tensor:
-        key = (*key, ratio, feature_transform(config.model).tag(), repr(config.model.coreset))
-        if key not in self._coresets:
-            c = config.model.coreset
-            idx = greedy_coreset(x, coreset_size(len(x), ratio), method=c.method,
-                                 projection_dim=c.projection_dim, num_starts=c.num_starts,
-                                 seed=config.seed, precision=c.precision, progress=False)
-            self._coresets[key] = x[idx]
-        return self._coresets[key]
 
     def _model(self, config: ExperimentConfig) -> PatchCore:
         key = json.dumps(to_dict(config.model), sort_keys=True)
@@ -155,8 +144,7 @@ class Replay:
         factories `factories` (ids 0..n-1); `fault` ("defects" or "noise") turns the last hostile."""
         faults = (f"{factories[-1]}:{fault}",) if fault else ()
         config = _variant(config, **{"federation.num_factories": len(factories), "federation.faults": faults,
-                                     "federation.min_clients": min(config.federation.min_clients, len(factories)),
-                                     "data.cache_dir": self.cache_dir})
+                                     "federation.min_clients": min(config.federation.min_clients, len(factories))})
         sites = [Site(config, self.plan.shards[k], self.plan.shifts, model=self._model(config),
                       root=self.plan.root, memo=self._memos.setdefault(k, {})) for k in factories]
         run_dir = self.out / "federations" / f"{self.runs:02d}"
@@ -187,23 +175,25 @@ class Replay:
         """One coreset per category over the union of the factories' (transformed) embeddings."""
         banks = {}
         for category in sorted({c for (_, c) in self.data.train}):
-            parts = [x for (k, c), x in sorted(self.data.train.items()) if c == category and k in factories]
-            union = self._transformed(torch.cat(parts), config)
-            banks[category] = self._coreset(union, config.model.coreset.ratio, config, ("central", category))
+            key = (category, tuple(factories), feature_transform(config.model).tag(), repr(config.model.coreset))
+            if key not in self._coresets:
+                parts = [x for (k, c), x in sorted(self.data.train.items()) if c == category and k in factories]
+                union = self._transformed(torch.cat(parts), config)
+                self._coresets[key] = subsample(union, config.model, config.seed)
+            banks[category] = self._coresets[key]
         return banks
 
     def score(self, config: ExperimentConfig, banks: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
         """Metrics per category of `banks` on the extracted test set, scored by PatchCore's own
         patch-score and map code (queries transformed as the bank's feature space says)."""
-        model = PatchCore.__new__(PatchCore)  # a scorer without a backbone: the embeddings exist
-        model.config, model.device = config.model, torch.device("cpu")
-        model.transform = feature_transform(config.model)
         out = {}
         for category, bank in sorted(banks.items()):
             test = self.data.test[category]
-            model.bank = MemoryBank(bank.float(), nn_backend=config.model.nn_backend, ivfpq=config.model.ivfpq)
-            patch = model.patch_scores_from_embeddings(test["emb"], test["grid"], transformed=False)
-            scores, maps = model.scores_from_patches(patch, test["size"])
+            n, length, dim = test["emb"].shape
+            queries = self._transformed(test["emb"].reshape(n * length, dim), config).reshape(n, length, -1)
+            bank = MemoryBank(bank.float(), nn_backend=config.model.nn_backend, ivfpq=config.model.ivfpq)
+            patch = patch_scores(bank, queries, test["grid"], config.model)
+            scores, maps = scores_from_patches(patch, test["size"], config.model)
             scored = ScoredSet(test["records"], scores.numpy(), maps.numpy(), test["masks"], test["has_mask"])
             out[category] = scored.metrics()
         return out

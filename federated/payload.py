@@ -15,11 +15,9 @@ server received as safetensors + JSON, so a federation can be resumed without re
 
 from __future__ import annotations
 
-import dataclasses
-
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +72,7 @@ class Payload:
     def with_factory_id(self, factory_id: int) -> "Payload":
         """The same payload under the id this run's server gave its factory (a resumed payload
         was saved under the id of its first run)."""
-        return dataclasses.replace(self, factory_id=int(factory_id))
+        return replace(self, factory_id=int(factory_id))
 
     def decoded(self) -> np.ndarray:
         """(n, D) float32 whatever the encoding."""

@@ -27,7 +27,6 @@ from patchcore.data.sources import categories, data_root, load_records
 from patchcore.errors import ConfigError
 
 
-
 @dataclass
 class FactoryPlan:
     """The shards of all factories and their domain shifts (empty when shifts are off)."""

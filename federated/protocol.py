@@ -84,18 +84,27 @@ class SiteInfo:
         return cls(factory=str(site["factory"]), counts=counts)
 
 
+def _assignment(factory: str, factory_id: int) -> dict[str, Any]:
+    """The ASSIGNMENT record of a request: which factory it is for, and the id the server gave it."""
+    return {"factory": factory, "factory-id": int(factory_id)}
+
+
+def _assigned(records: Records) -> tuple[str, int]:
+    a = records[ASSIGNMENT]
+    return str(a["factory"]), int(a["factory-id"])
+
+
 @dataclass
 class TrainRequest:
     factory: str
     factory_id: int
 
     def to_records(self) -> Records:
-        return {ASSIGNMENT: {"factory": self.factory, "factory-id": int(self.factory_id)}}
+        return {ASSIGNMENT: _assignment(self.factory, self.factory_id)}
 
     @classmethod
     def from_records(cls, records: Records) -> "TrainRequest":
-        a = records[ASSIGNMENT]
-        return cls(factory=str(a["factory"]), factory_id=int(a["factory-id"]))
+        return cls(*_assigned(records))
 
 
 def pack_payloads(payloads: Mapping[str, Payload]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -174,13 +183,11 @@ class EvaluateRequest:
 
     def to_records(self) -> Records:
         return {BANKS: {c: np.ascontiguousarray(b, dtype=np.float32) for c, b in self.banks.items()},
-                ASSIGNMENT: {"factory": self.factory, "factory-id": int(self.factory_id)}}
+                ASSIGNMENT: _assignment(self.factory, self.factory_id)}
 
     @classmethod
     def from_records(cls, records: Records) -> "EvaluateRequest":
-        a = records[ASSIGNMENT]
-        return cls(factory=str(a["factory"]), factory_id=int(a["factory-id"]),
-                   banks={c: np.asarray(b) for c, b in records[BANKS].items()})
+        return cls(*_assigned(records), banks={c: np.asarray(b) for c, b in records[BANKS].items()})
 
 
 @dataclass

@@ -31,6 +31,7 @@ from federated.payload import Payload, encode
 from federated.privacy import PrivacySpec, privatize
 from patchcore.cache import FeatureCache
 from patchcore.data import ImageRecord, PairTransform
+from patchcore.data.mvtec import list_categories
 from patchcore.data.sources import load_records
 from patchcore.errors import ConfigError, DataError
 from patchcore.evaluation import evaluate_scored, loader_for, score_records
@@ -91,8 +92,6 @@ def folder_shard(config: ExperimentConfig, path: str | Path, name: str, data_for
                  categories: tuple[str, ...] = ()) -> tuple[FactoryShard, ExperimentConfig]:
     """A deployed site's shard: every image of its folder, in the categories it holds (those of
     data.categories when set, else all); and the config with data.root/format set to it."""
-    from patchcore.data.mvtec import list_categories
-
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"site {name}: data-path {root} is not a folder")

@@ -57,6 +57,34 @@ def backbone_id(config: ModelConfig) -> str:
     return f"{base}:{tag}" if tag else base
 
 
+def subsample(features: torch.Tensor, config: ModelConfig, seed: int, ratio: float | None = None,
+              progress: bool = False) -> torch.Tensor:
+    """The greedy coreset (float32) of `features` (N, D) at `ratio` (default: config.coreset.ratio),
+    with every coreset setting of `config`: the one selection `PatchCore.subsample`, the
+    federation's sites and the sweeps' centralized references all make."""
+    c = config.coreset
+    size = coreset_size(len(features), c.ratio if ratio is None else ratio)
+    idx = greedy_coreset(features, size, method=c.method, projection_dim=c.projection_dim,
+                         num_starts=c.num_starts, seed=seed, precision=c.precision, progress=progress)
+    return features[idx].float()
+
+
+def patch_scores(bank: MemoryBank, emb: torch.Tensor, grid: tuple[int, int],
+                 config: ModelConfig) -> torch.Tensor:
+    """Embeddings (B, L, D), already in the bank's feature space -> patch-score grids (B, h, w):
+    each patch's distance to `bank` (squared L2 unless config.score_distance says l2)."""
+    b, n, d = emb.shape
+    dist, _ = bank.nearest(emb.reshape(b * n, d).to(bank.features.device), k=config.num_neighbours)
+    patch = dist.mean(dim=1) if config.score_distance == "squared_l2" else dist.sqrt().mean(dim=1)
+    return patch.reshape(b, *grid)  # (B, h, w)
+
+
+def scores_from_patches(patch: torch.Tensor, size: tuple[int, int],
+                        config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """patch grid (B, h, w) -> image scores (B,) (max patch) and pixel maps (B, H, W) at `size`."""
+    return patch.flatten(1).max(dim=1).values, to_pixel_maps(patch, size, config.smoothing_sigma)
+
+
 def _images(batch: Any) -> torch.Tensor:
     return batch["image"] if isinstance(batch, dict) else batch
 
@@ -103,13 +131,7 @@ class PatchCore:
 
         `features` may be a float16 or memory-mapped store (`extract(out=...)`): the projection
         reads it block by block and only the picked rows are gathered."""
-        c = self.config.coreset
-        size = coreset_size(len(features), c.ratio if ratio is None else ratio)
-        idx = greedy_coreset(
-            features, size, method=c.method, projection_dim=c.projection_dim,
-            num_starts=c.num_starts, seed=self.seed, precision=c.precision, progress=progress,
-        )
-        return features[idx].float()
+        return subsample(features, self.config, self.seed, ratio, progress)
 
     def fit(self, loader: Iterable[Any], progress: bool = True, metadata: dict[str, Any] | None = None) -> MemoryBank:
         """Extract, subsample, and keep the memory bank."""
@@ -132,26 +154,11 @@ class PatchCore:
         if self.bank is None:
             raise ConfigError("the model has no memory bank: fit it or load one first")
         emb, grid = self.embed(images)  # (B, L, D)
-        return self.patch_scores_from_embeddings(emb, grid)
-
-    def patch_scores_from_embeddings(self, emb: torch.Tensor, grid: tuple[int, int],
-                                     transformed: bool = True) -> torch.Tensor:
-        """Embeddings (B, L, D) of images -> their patch-score grids (B, h, w). `transformed=False`:
-        raw embeddings, to which model.transform (projection, clipping) is applied first (sweeps
-        score one extraction under several transforms)."""
-        if self.bank is None:
-            raise ConfigError("the model has no memory bank: fit it or load one first")
-        b, n, d = emb.shape
-        flat = emb.reshape(b * n, d).to(self.device)
-        if not transformed and not self.transform.identity:
-            flat = self.transform(flat)
-        dist, _ = self.bank.nearest(flat, k=self.config.num_neighbours)  # squared
-        patch = dist.mean(dim=1) if self.config.score_distance == "squared_l2" else dist.sqrt().mean(dim=1)
-        return patch.reshape(b, *grid)  # (B, h, w)
+        return patch_scores(self.bank, emb, grid, self.config)
 
     def scores_from_patches(self, patch: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """patch grid (B, h, w) -> image scores (B,) (max patch) and pixel maps (B, H, W) at `size`."""
-        return patch.flatten(1).max(dim=1).values, to_pixel_maps(patch, size, self.config.smoothing_sigma)
+        return scores_from_patches(patch, size, self.config)
 
     @torch.inference_mode()
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

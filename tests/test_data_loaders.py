@@ -28,7 +28,9 @@ from patchcore.data import (
     read_region,
 )
 
-REAL_ROOT = Path("/work/shared/data/mvtec")
+from tests.conftest import SHARED_MVTEC
+
+REAL_ROOT = SHARED_MVTEC
 
 
 def save_png(path: Path, size: tuple[int, int] = (40, 30), value: int = 100,

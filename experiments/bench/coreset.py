@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(tempfile.gettempdir()) / "fedpatch-bench"
 CONFIG = REPO / "configs" / "shared_real.yaml"
-DATA_ROOT = Path("/work/shared/data/mvtec")
+DATA_ROOT = REPO.parent / "shared" / "data" / "mvtec"  # read in place, beside the repo
 
 # Run by the anomalib interpreter: KCenterGreedy on the .npy, picks written as .npy.
 ANOMALIB_SCRIPT = r"""
