@@ -22,6 +22,7 @@ from patchcore.errors import ConfigError
 
 T = TypeVar("T")
 DATA_FORMATS = ("synthetic", "mvtec", "mvtec3d", "autovi")
+LAYER_WEIGHTINGS = ("auto", "paper", "concat", "balanced")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,11 @@ class ModelConfig:
     # Image AUROC is identical either way; pixel maps differ slightly after smoothing.
     score_distance: str = "squared_l2"  # "squared_l2" | "l2"
     smoothing_sigma: float = 4.0
+    # How the layers' patch features become one embedding (patchcore/features.py):
+    # "paper" (per-layer adaptive pooling to pretrain_embed_dim, then to target_embed_dim),
+    # "concat" (3x3-averaged raw channels concatenated, as anomalib), "balanced" (the same with
+    # each layer scaled by 1/sqrt(its channels)), "auto" (the backbone's measured default).
+    layer_weighting: str = "auto"
     nn_backend: str = "torch"  # "torch" | "faiss" | "faiss_ivfpq"
     ivfpq: IvfPqConfig = field(default_factory=IvfPqConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
@@ -105,6 +111,8 @@ class DataConfig:
     num_workers: int = 0
     # Per-factory on-disk cache of patch embeddings (patchcore/cache.py); "" = off.
     cache_dir: str = ""
+    # Size cap of that cache in GB (oldest-used entries evicted past it); 0 = no cap.
+    cache_max_gb: float = 20.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -112,6 +120,9 @@ class DataConfig:
 class ThresholdConfig:
     method: str = "quantile"  # "quantile" (normal validation scores) | "f1" (needs anomalous ones too)
     quantile: float = 0.99
+    # Without a validation split, this seeded share of the training normals is held out of the
+    # bank to calibrate the threshold (0 = off: such a bank stays uncalibrated).
+    holdout: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,10 @@ class Config:
             (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
             (self.threshold.method in ("f1", "quantile"), "threshold.method", "must be f1 or quantile"),
             (0.0 < self.threshold.quantile < 1.0, "threshold.quantile", "must be in (0, 1)"),
+            (0.0 <= self.threshold.holdout < 1.0, "threshold.holdout", "must be in [0, 1)"),
+            (self.model.layer_weighting in LAYER_WEIGHTINGS, "model.layer_weighting",
+             f"must be one of {', '.join(LAYER_WEIGHTINGS)}"),
+            (self.data.cache_max_gb >= 0, "data.cache_max_gb", "must be >= 0"),
         ]
         for ok, key, message in checks:
             if not ok:
