@@ -53,7 +53,7 @@ from patchcore.config import TransformConfig, load_config, to_dict
 from patchcore.errors import ConfigError
 from patchcore.evaluation import ScoredSet, loader_for
 from patchcore.memory_bank import MemoryBank, atomic_write_bytes
-from patchcore.model import (PatchCore, feature_transform, patch_scores, scores_from_patches,
+from patchcore.model import (PatchCore, embedding_dim, feature_transform, patch_scores, scores_from_patches,
                              subsample)
 
 KINDS = ("privacy", "encoding", "poisoning")
@@ -253,10 +253,10 @@ def sweep_encoding(base: ExperimentConfig, replay: Replay, encodings=ENCODINGS) 
     plain = _variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
     rows = _row("centralized", replay.score(plain, replay.centralized(plain, list(factories))),
                 method="centralized")
-    skipped = [dim for _, dim in encodings if dim is not None and dim >= base.model.target_embed_dim]
+    full = embedding_dim(base.model)
+    skipped = [dim for _, dim in encodings if dim is not None and dim >= full]
     if skipped:
-        print(f"projections to {skipped} dims skipped: not below model.target_embed_dim "
-              f"({base.model.target_embed_dim})")
+        print(f"projections to {skipped} dims skipped: not below the embedding size ({full})")
     for dtype, dim in (e for e in encodings if e[1] not in skipped):
         transform = dataclasses.replace(base.model.transform, projection_dim=dim, projection_seed=base.seed)
         config = _variant(plain, **{"federation.payload_dtype": dtype, "model.transform": transform})

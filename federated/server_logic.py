@@ -30,11 +30,11 @@ from federated.partition import factory_name
 from federated.payload import (Payload, load_payload, payload_fingerprint, raw_feature_bytes,
                                save_payload, validate)
 from federated.robust import detect_poisoned, mitigate
-from patchcore.config import to_dict
+from patchcore.config import ModelConfig, build, to_dict
 from patchcore.errors import ConfigError
 from patchcore.coreset import coreset_size
 from patchcore.memory_bank import MemoryBank, atomic_write_bytes
-from patchcore.model import resolve_device
+from patchcore.model import embedding_dim, resolve_device
 
 log = logging.getLogger("fedpatch.server")
 
@@ -78,7 +78,7 @@ def aggregate_all(payloads: Mapping[int, Mapping[str, Payload]], config: Experim
     rejected = rejected if rejected is not None else []
     poisoning = poisoning if poisoning is not None else {}
     transform = model_config_dict.get("transform") or {}
-    expected_dim = int(transform.get("projection_dim") or model_config_dict["target_embed_dim"])
+    expected_dim = int(transform.get("projection_dim") or embedding_dim(build(ModelConfig, model_config_dict, "model")))
     valid: dict[str, list[Payload]] = {}
     for factory_id in sorted(payloads):
         for category, payload in sorted(payloads[factory_id].items()):

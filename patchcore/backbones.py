@@ -18,6 +18,7 @@ in 0-255 units), not with ImageNet mean/std.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 from dataclasses import dataclass
@@ -136,6 +137,39 @@ REGISTRY: dict[str, Callable[[], BackboneSpec]] = {
     "efficientnet_lite1": lambda: _lite(1),
     "efficientnet_lite2": lambda: _lite(2),
 }
+
+
+# Channels of the standard stages (checked against a forward pass in tests/test_backbones.py);
+# other stages ("blockN") are measured by `layer_channels`.
+WIDTHS: dict[str, dict[str, int]] = {
+    "wide_resnet50_2": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
+    "resnet50": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
+    "resnet18": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
+    "efficientnet_lite0": {"layer2": 40, "layer3": 112},
+    "efficientnet_lite1": {"layer2": 40, "layer3": 112},
+    "efficientnet_lite2": {"layer2": 48, "layer3": 120},
+}
+# model.layer_weighting "auto": what each backbone gets (measured on the shared real images:
+# experiments/studies/layer_weighting.md). The ResNets keep the paper's embedding.
+DEFAULT_WEIGHTING: dict[str, str] = {
+    "efficientnet_lite0": "concat", "efficientnet_lite1": "concat", "efficientnet_lite2": "concat",
+}
+
+
+def default_weighting(name: str) -> str:
+    """The layer weighting model.layer_weighting "auto" means for backbone `name`."""
+    return DEFAULT_WEIGHTING.get(name, "paper")
+
+
+@functools.lru_cache(maxsize=32)
+def layer_channels(name: str, layers: tuple[str, ...]) -> tuple[int, ...]:
+    """Output channels of each of `layers` of backbone `name`, without loading any weights."""
+    known = WIDTHS.get(name, {})
+    if all(layer in known for layer in layers):
+        return tuple(known[layer] for layer in layers)
+    with torch.inference_mode():
+        maps = FeatureExtractor(name, layers, weights="none", channels_last=False)(torch.zeros(1, 3, 64, 64))
+    return tuple(int(maps[layer].shape[1]) for layer in layers)
 
 
 def backbone_spec(name: str) -> BackboneSpec:

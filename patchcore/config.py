@@ -149,8 +149,9 @@ class Config:
             (self.model.patch_size >= 1 and self.model.patch_size % 2 == 1, "model.patch_size", "must be odd and >= 1"),
             (self.model.num_neighbours >= 1, "model.num_neighbours", "must be >= 1"),
             (self.model.smoothing_sigma >= 0, "model.smoothing_sigma", "must be >= 0"),
-            (self.model.transform.projection_dim is None or 1 <= self.model.transform.projection_dim <= self.model.target_embed_dim,
-             "model.transform.projection_dim", "must be in [1, model.target_embed_dim]"),
+            # its upper bound (the embedding size) is checked by FeatureTransform, which knows it
+            (self.model.transform.projection_dim is None or 1 <= self.model.transform.projection_dim,
+             "model.transform.projection_dim", "must be >= 1"),
             (self.model.transform.clip_norm is None or self.model.transform.clip_norm > 0, "model.transform.clip_norm", "must be > 0"),
             (self.data.format in DATA_FORMATS, "data.format", f"must be one of {', '.join(DATA_FORMATS)}"),
             (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),

@@ -68,14 +68,50 @@ def resize_grid(x: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> 
     return grid.reshape(b, k, dst[0] * dst[1]).transpose(1, 2)
 
 
+WEIGHTINGS = ("paper", "concat", "balanced")
+
+
 def embed(
     maps: list[torch.Tensor],
     patch_size: int = 3,
     pretrain_dim: int = 1024,
     target_dim: int = 1024,
+    weighting: str = "paper",
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Layer maps, shallowest first -> embeddings (B, h·w, target_dim) on the first map's grid (h, w)."""
-    return embed_by_convolution(maps, patch_size, pretrain_dim, target_dim)
+    """Layer maps, shallowest first -> embeddings (B, h·w, D) on the first map's grid (h, w).
+
+    weighting "paper": D = target_dim, the official PatchCore embedding (this module's docstring).
+    "concat" / "balanced": D = the layers' channels summed, `embed_concat` (anomalib's embedding,
+    and the same with every layer's share normalised)."""
+    if weighting == "paper":
+        return embed_by_convolution(maps, patch_size, pretrain_dim, target_dim)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown layer weighting {weighting!r}; one of {', '.join(WEIGHTINGS)}")
+    return embed_concat(maps, patch_size, balanced=weighting == "balanced")
+
+
+def embed_concat(maps: list[torch.Tensor], patch_size: int = 3,
+                 balanced: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Each layer's p×p neighbourhood mean (zero padding counted, as AvgPool2d(p, 1, p//2)),
+    deeper layers bilinearly resized to the first layer's grid, channels concatenated: anomalib's
+    PatchCore embedding. `balanced` scales each layer by 1/sqrt(its channels), so every layer
+    weighs the same in a squared distance whatever its width.
+
+    Why it exists: the paper's per-layer adaptive pooling to 1024 values *up-samples* a narrow
+    layer (EfficientNet-Lite0: 40·9 = 360 and 112·9 = 1008 values) and then gives every layer
+    half of the final bins, so one stride-8 channel of Lite0 weighs ~2.8x a stride-16 one in
+    the distance. With WideResNet-50-2 (512 and 1024 channels) the pooling down-samples and the
+    paper's embedding stays the default (experiments/studies/layer_weighting.md measures both)."""
+    b, _, h, w = maps[0].shape
+    pad = (patch_size - 1) // 2
+    parts = []
+    for fmap in maps:
+        y = F.avg_pool2d(fmap, patch_size, stride=1, padding=pad, count_include_pad=True) if patch_size > 1 else fmap
+        if tuple(y.shape[-2:]) != (h, w):
+            y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+        parts.append(y / fmap.shape[1] ** 0.5 if balanced else y)
+    out = torch.cat(parts, dim=1)  # (B, ΣC, h, w)
+    return out.flatten(2).transpose(1, 2).contiguous(), (h, w)
 
 
 def _pool_matrix(k: int, dim: int) -> np.ndarray:

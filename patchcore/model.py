@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from patchcore.anomaly_map import to_pixel_maps
-from patchcore.backbones import FeatureExtractor
+from patchcore.backbones import FeatureExtractor, default_weighting, layer_channels
 from patchcore.cache import FeatureCache
 from patchcore.config import ModelConfig, build, to_dict
 from patchcore.coreset import coreset_size, greedy_coreset
@@ -39,10 +39,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def layer_weighting(config: ModelConfig) -> str:
+    """model.layer_weighting with "auto" resolved for the configured backbone."""
+    w = config.layer_weighting
+    return default_weighting(config.backbone.name) if w == "auto" else w
+
+
+def embedding_dim(config: ModelConfig) -> int:
+    """D of the patch embeddings before model.transform: target_embed_dim for the paper's
+    weighting, the layers' channels summed for "concat" and "balanced"."""
+    if layer_weighting(config) == "paper":
+        return config.target_embed_dim
+    return sum(layer_channels(config.backbone.name, tuple(config.backbone.layers)))
+
+
 def feature_transform(config: ModelConfig) -> FeatureTransform:
     """The projection/clipping applied after the patch embedding (identity by default)."""
     t = config.transform
-    return FeatureTransform(config.target_embed_dim, t.projection_dim, t.projection_seed, t.clip_norm)
+    return FeatureTransform(embedding_dim(config), t.projection_dim, t.projection_seed, t.clip_norm)
 
 
 def backbone_id(config: ModelConfig) -> str:
@@ -50,7 +64,10 @@ def backbone_id(config: ModelConfig) -> str:
     (backbone, layers, patch size, embedding size, reduced backbone precision, and any projection
     or clipping). float32, the default, adds nothing, so fp32 ids are those of earlier versions."""
     bb = config.backbone
-    base = f"{bb.name}:{'+'.join(bb.layers)}:p{config.patch_size}:d{config.target_embed_dim}"
+    weighting = layer_weighting(config)
+    base = f"{bb.name}:{'+'.join(bb.layers)}:p{config.patch_size}:d{embedding_dim(config)}"
+    if weighting != "paper":  # the paper's weighting adds nothing: ids of earlier versions hold
+        base += f":{weighting}"
     if config.precision != "float32":  # bf16 moves Lite0 embeddings by ~10%: another space
         base += f":{config.precision}"
     tag = feature_transform(config).tag()
@@ -100,6 +117,7 @@ class PatchCore:
         self.extractor = FeatureExtractor(bb.name, bb.layers, bb.weights, seed=seed,
                                           precision=config.precision).to(self.device)
         self.transform = feature_transform(config)
+        self.weighting = layer_weighting(config)
         self.bank: MemoryBank | None = None
         self.cache: FeatureCache | None = None  # on-disk embeddings (data.cache_dir), used by extract
 
@@ -113,7 +131,8 @@ class PatchCore:
         D is target_embed_dim, or the projection's size when model.transform projects."""
         maps = self.extractor(images.to(self.device, non_blocking=True))
         c = self.config
-        emb, grid = embed(list(maps.values()), c.patch_size, c.pretrain_embed_dim, c.target_embed_dim)
+        emb, grid = embed(list(maps.values()), c.patch_size, c.pretrain_embed_dim, c.target_embed_dim,
+                          self.weighting)
         if not self.transform.identity:
             b, n, d = emb.shape
             emb = self.transform(emb.reshape(b * n, d)).reshape(b, n, -1)
@@ -180,11 +199,13 @@ class PatchCore:
         if config is None:
             if "model" not in bank.metadata:
                 raise BankFormatError("the memory bank carries no model config; pass one explicitly")
-            config = build(ModelConfig, bank.metadata["model"], "model")
+            stored = dict(bank.metadata["model"])
+            stored.setdefault("layer_weighting", "paper")  # banks from before the key: the paper's
+            config = build(ModelConfig, stored, "model")
         model = cls(config, device=device, seed=int(bank.metadata.get("seed", 0)))
         if bank.dim != model.transform.out_dim:
             raise BankFormatError(f"bank features have {bank.dim} dims; the model's embeddings have "
-                                  f"{model.transform.out_dim} (model.target_embed_dim / model.transform.projection_dim)")
+                                  f"{model.transform.out_dim} (model.layer_weighting, model.target_embed_dim, model.transform.projection_dim)")
         model.bank = bank.to(model.device)
         model.bank.set_backend(config.nn_backend, config.ivfpq)
         return model
