@@ -36,17 +36,21 @@ def roc_plot(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, ti
 
 def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, path: Path, title: str,
             vmin: float, vmax: float, threshold: float | None = None) -> Path:
-    """image (H, W, 3) in [0, 1], anomaly map (H, W): part | heatmap overlay (+ GT contour)."""
+    """image (H, W, 3) in [0, 1], anomaly map (H, W): part | heatmap overlay (+ GT contour). The
+    map's title names only the contours actually drawn, so no legend promises a missing mask."""
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
     axes[0].imshow(image)
     axes[0].set_title("part")
     axes[1].imshow(image)
     heat = axes[1].imshow(amap, cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+    legend = []
     if mask is not None and mask.any():
         axes[1].contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.2)
-    if threshold is not None:
+        legend.append("white: ground truth")
+    if threshold is not None and amap.min() < threshold < amap.max():  # contour() warns on an empty level
         axes[1].contour(amap, levels=[threshold], colors="magenta", linewidths=0.8, linestyles="--")
-    axes[1].set_title("anomaly map (white: ground truth)")
+        legend.append("magenta: threshold")
+    axes[1].set_title("anomaly map" + (f" ({', '.join(legend)})" if legend else ""))
     for ax in axes:
         ax.axis("off")
     fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)

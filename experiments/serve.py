@@ -2,6 +2,10 @@
 
 POST an image to /inspect and get its anomaly score, the accept/reject decision against the
 bank's calibrated threshold, the heatmap overlay and the box of the patch that drove the score.
+`GET /` is the same for people at the line: one self-contained page (static/inspect.html: inline
+CSS and JS, nothing fetched from elsewhere, so it works on an offline plant network) that posts
+dropped images to /inspect and shows each answer.
+
 The bank loads once, in `create_app`, so a bad bank fails before a server starts. Handlers are
 plain `def` functions: FastAPI runs them in its threadpool, the event loop stays free, and one
 lock serialises the model call (one torch model, many request threads); decoding, resizing and
@@ -20,11 +24,12 @@ import json
 import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, Field
 
@@ -71,6 +76,13 @@ class Health(BaseModel):
     device: str
 
 
+class DisplayRange(BaseModel):
+    vmin: float
+    vmax: float
+    source: Literal["bank", "threshold"] = Field(
+        description="bank: stored at calibration; threshold: 0 to 2 x threshold")
+
+
 class ModelInfo(BaseModel):
     backbone: str
     backbone_id: str
@@ -82,6 +94,9 @@ class ModelInfo(BaseModel):
     config: dict[str, Any] = Field(description="the model config stored with the bank")
     bank_file: str
     bank_sha256: str | None = None
+    display_range: DisplayRange | None = Field(
+        None, description="the heatmaps' colour scale, the same for every image; null: each image its own")
+    max_upload_bytes: int = Field(description="largest accepted upload (the page refuses larger files itself)")
 
 
 class Problem(BaseModel):
@@ -134,16 +149,30 @@ def _png(rgb: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _model_info(scorer: BankScorer, bank_path: str | Path) -> ModelInfo:
+def _heatmap_png(scorer: BankScorer, result: Inspection) -> bytes:
+    scale = scorer.color_scale(result)  # the bank's scale: equal colours mean equal scores across parts
+    return _png(plots.heatmap_rgb(result.image, result.amap, scale.vmin, scale.vmax))
+
+
+def inspection_page() -> str:
+    """The inspection page's HTML, read from the installed package (package data)."""
+    return (files("experiments") / "static" / "inspect.html").read_text(encoding="utf-8")
+
+
+def _model_info(scorer: BankScorer, bank_path: str | Path, max_upload_bytes: int) -> ModelInfo:
     tensor_path, meta_path = bank_paths(bank_path)
     sha = json.loads(meta_path.read_text()).get("sha256")  # verified by MemoryBank.load
     config = scorer.bank.metadata.get("model", {})
+    display = scorer.display
     return ModelInfo(
         backbone=scorer.model.config.backbone.name, backbone_id=scorer.model.backbone_id,
         bank_size=len(scorer.bank), feature_dim=scorer.bank.dim, category=scorer.category,
         threshold=scorer.threshold,
         preprocess={"resize": scorer.preprocess.resize, "crop": scorer.preprocess.crop},
-        config=config, bank_file=str(tensor_path), bank_sha256=sha)
+        config=config, bank_file=str(tensor_path), bank_sha256=sha,
+        display_range=None if display is None else DisplayRange(vmin=display.vmin, vmax=display.vmax,
+                                                                source=display.source),
+        max_upload_bytes=max_upload_bytes)
 
 
 def _app_version() -> str:
@@ -158,7 +187,8 @@ def create_app(bank_path: str | Path, *, device: str = "auto", threshold: float 
     """The inspection API for one bank. Loads (and verifies) the bank now: a missing or bad bank
     raises BankFormatError naming the file, before any server starts."""
     scorer = BankScorer.load(bank_path, device=device, threshold=threshold)
-    info = _model_info(scorer, bank_path)
+    info = _model_info(scorer, bank_path, max_upload_bytes)
+    page = inspection_page()
     lock = threading.Lock()
     app = FastAPI(
         title="fedpatch inspection API",
@@ -171,12 +201,11 @@ def create_app(bank_path: str | Path, *, device: str = "auto", threshold: float 
     app.state.scorer = scorer
 
     def judge(result: Inspection, name: str, heatmap: bool, started: float) -> InspectionResult:
-        defective = scorer.is_defective(result.score)
         x0, y0, x1, y1 = result.max_patch_box()
-        png = _png(plots.heatmap_rgb(result.image, result.amap, *result.color_range())) if heatmap else None
+        png = _heatmap_png(scorer, result) if heatmap else None
         return InspectionResult(
             filename=name, category=scorer.category, score=result.score, threshold=scorer.threshold,
-            decision="uncalibrated" if defective is None else ("reject" if defective else "accept"),
+            decision=scorer.decide(result.score),
             heatmap_png=None if png is None else base64.b64encode(png).decode("ascii"),
             max_patch=Box(x0=x0, y0=y0, x1=x1, y1=y1), image_size=result.amap.shape,
             latency_ms=(time.perf_counter() - started) * 1e3)
@@ -207,9 +236,12 @@ def create_app(bank_path: str | Path, *, device: str = "auto", threshold: float 
         with lock:
             result = scorer.inspect(image)
         if output == "png":
-            rgb = plots.heatmap_rgb(result.image, result.amap, *result.color_range())
-            return Response(_png(rgb), media_type="image/png")
+            return Response(_heatmap_png(scorer, result), media_type="image/png")
         return judge(result, name, heatmap, started)
+
+    @app.get("/", response_class=HTMLResponse, summary="The inspection page: drop part images, see decisions")
+    def index() -> HTMLResponse:
+        return HTMLResponse(page)
 
     @app.get("/health", response_model=Health, summary="Liveness: the bank is loaded")
     def health() -> Health:

@@ -1,9 +1,14 @@
 """The inspection API (`fedpatch serve`) on a tiny real bank: answers, refusals, concurrency, CLI."""
 
 import base64
+import contextlib
 import inspect
 import io
 import json
+import re
+import shutil
+import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,12 +18,19 @@ import pytest
 from PIL import Image
 
 from experiments import cli
+from experiments.dashboard.screenshot import Browser
+from experiments.local_server import free_port
 from experiments.predict import BankScorer, Inspection
+from experiments.scoring import fit_category, score_records
 from experiments.serve import MULTIPART_OVERHEAD, create_app
+from federated.config import ExperimentConfig
+from patchcore.config import load_config
 from patchcore.data.images import decode_image, read_image
+from patchcore.data.sources import load_records
 from patchcore.errors import BankFormatError, DataError
 from patchcore.memory_bank import MemoryBank
 from patchcore.threshold import Threshold
+from tests.conftest import REPO, SHARED_MVTEC
 from tests.test_cli import TINY, write_config
 
 with warnings.catch_warnings():  # starlette 1.x asks for httpx2 in its TestClient; httpx still works
@@ -34,23 +46,27 @@ def _largest_defect(root: Path) -> Path:
     """The test defect image with the largest mask (the plainest defect)."""
     def area(image: Path) -> int:
         return int((np.asarray(Image.open(root / "ground_truth" / image.parent.name / f"{image.stem}_mask.png")) > 0).sum())
-    return max((p for p in sorted((root / "test").glob("*/*.png")) if p.parent.name != "good"), key=area)
+    images = (p for p in sorted((root / "test").glob("*/*")) if p.suffix in (".png", ".jpg") and p.parent.name != "good")
+    return max(images, key=area)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A bank fitted by `fedpatch fit` (uncalibrated), a calibrated copy with its threshold
-    halfway between the good and the defect scores, and one app on each."""
+    """A bank fitted by `fedpatch fit` made uncalibrated (whatever threshold and colour range fit
+    stored are dropped), a calibrated copy with its threshold halfway between the good and the
+    defect scores, and one app on each."""
     tmp = tmp_path_factory.mktemp("serve")
     assert cli.main(["fit", "--config", str(write_config(tmp, CONFIG)), "--quiet", "--out", str(tmp / "run")]) == 0
-    bank_path = tmp / "run" / "banks" / "disc.safetensors"
+    bank = MemoryBank.load(tmp / "run" / "banks" / "disc.safetensors")
+    bank.metadata.pop("threshold", None)
+    bank.metadata.pop("display_range", None)
+    bank_path, _ = bank.save(tmp / "uncalibrated" / "disc")
     root = tmp / "synthetic" / "disc"
     goods = sorted((root / "test" / "good").glob("*.png"))
     defect = _largest_defect(root)
     scorer = BankScorer.load(bank_path, device="cpu")
     good_scores = [scorer.inspect(scorer.preprocess.image(read_image(p))).score for p in goods]
     defect_score = scorer.inspect(scorer.preprocess.image(read_image(defect))).score
-    bank = MemoryBank.load(bank_path)
     bank.metadata["threshold"] = Threshold((max(good_scores) + defect_score) / 2, "quantile").to_dict()
     calibrated, _ = bank.save(tmp / "calibrated" / "disc")
     return {
@@ -130,7 +146,7 @@ def test_health_and_model_describe_the_bank(served):
     info = client.get("/model").json()
     stored = json.loads(served["calibrated"].with_suffix(".json").read_text())
     assert info["bank_size"] == stored["shape"][0] == len(MemoryBank.load(served["calibrated"]))
-    assert info["feature_dim"] == stored["shape"][1] == 1024
+    assert info["feature_dim"] == stored["shape"][1] == MemoryBank.load(served["calibrated"]).dim
     assert info["bank_sha256"] == stored["sha256"] and info["bank_file"] == str(served["calibrated"])
     assert info["backbone"] == "efficientnet_lite0" and info["backbone_id"].startswith("efficientnet_lite0:")
     assert info["category"] == "disc" and info["threshold"] == stored["metadata"]["threshold"]["value"]
@@ -138,14 +154,35 @@ def test_health_and_model_describe_the_bank(served):
     assert info["config"]["backbone"]["name"] == "efficientnet_lite0"
 
 
+def test_index_is_a_self_contained_upload_page_posting_to_inspect(served):
+    r = served["app"].get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert '<input id="file" type="file" name="file" multiple' in page  # the picker; drops go to the same code
+    assert 'action="./inspect"' in page and 'fetch("./inspect"' in page and 'fetch("./model")' in page
+    assert "max_patch" in page and "heatmap_png" in page and "image_size" in page
+    # nothing from elsewhere: no external script, style, font or picture, so it works offline
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(|<link|<script\s+src""", page, re.I)
+    assert not re.search(r"https?://", page)
+
+
+def test_model_gives_the_page_its_colour_scale_and_upload_limit(served):
+    threshold = (max(served["good_scores"]) + served["defect_score"]) / 2
+    info = served["app"].get("/model").json()
+    assert info["display_range"] == {"vmin": 0.0, "vmax": pytest.approx(2 * threshold), "source": "threshold"}
+    assert info["max_upload_bytes"] == 10 * 2**20
+    small = served["small"].get("/model").json()  # no threshold, no stored range: each image its own
+    assert small["display_range"] is None and small["max_upload_bytes"] == SMALL_LIMIT
+
+
 def test_openapi_lists_the_routes_and_handlers_run_in_the_threadpool(served):
     schema = served["app"].get("/openapi.json").json()
     assert schema["info"]["title"] == "fedpatch inspection API"
-    assert {"/inspect", "/health", "/model"} <= set(schema["paths"])
+    assert {"/", "/inspect", "/health", "/model"} <= set(schema["paths"])
     assert "InspectionResult" in schema["components"]["schemas"]
     assert served["app"].get("/docs").status_code == 200
     for route in served["app"].app.routes:
-        if getattr(route, "path", "") in ("/inspect", "/health", "/model"):
+        if getattr(route, "path", "") in ("/", "/inspect", "/health", "/model"):
             assert not inspect.iscoroutinefunction(route.endpoint), route.path  # async would block the loop
 
 
@@ -237,3 +274,95 @@ def test_cli_serve_builds_the_app_first_then_runs_uvicorn(served, tmp_path, caps
     assert kw["host"] == "127.0.0.1" and kw["port"] == 8123
     body = post(TestClient(app), served["goods"][0]).json()
     assert body["threshold"] == pytest.approx(low) and body["decision"] == "reject"
+
+
+# --- the inspection page in a real browser ---------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+HAZELNUT = SHARED_MVTEC / "hazelnut"
+PAGE_DONE_JS = """(() => { const cards = [...document.querySelectorAll('.card')];
+  return cards.length === 2 && cards.every(c => c.dataset.state !== 'pending'); })()"""
+PAGE_STATE_JS = """(() => { const card = (state) => document.querySelector(`.card[data-state="${state}"]`);
+  const done = card('reject'), refused = card('error'), img = done && done.querySelector('img.overlay');
+  const box = done && done.querySelector('.box').getBoundingClientRect();
+  return {text: document.body.innerText, decision: done && done.querySelector('.decision').textContent,
+          category: done && done.querySelector('.category').textContent, natural: img ? img.naturalWidth : 0,
+          box: box ? [box.width, box.height] : null, refused: refused && refused.querySelector('.error').textContent,
+          bank: document.getElementById('bank').textContent,
+          resources: performance.getEntriesByType('resource').map(e => e.name)}; })()"""
+
+
+@pytest.fixture(scope="module")
+def hazelnut_app(tmp_path_factory):
+    """An app on a Lite0 bank fitted on the shared hazelnut training images (1% coreset), the
+    defect to upload, and the threshold: set here, midway between the good test parts' scores and
+    the defect's, so the decision the page must show is known whatever `fit` calibrates."""
+    if not HAZELNUT.is_dir():
+        pytest.skip(f"real images not found at {HAZELNUT}")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install -y chromium)")
+    config = load_config(REPO / "configs" / "shared_real.yaml", ExperimentConfig,
+                         {"data.root": str(SHARED_MVTEC), "device": "cpu", "model.coreset.ratio": 0.01})
+    records = load_records(config.data, SHARED_MVTEC, "hazelnut")
+    model, _ = fit_category(config, "hazelnut", records, progress=False)
+    defect = _largest_defect(HAZELNUT)
+    tests = [r for r in records if r.split == "test" and (r.label == 0 or r.path == defect)]
+    scored = score_records(model, tests, config, progress=False)
+    good, bad = scored.scores[scored.labels == 0].max(), scored.scores[scored.labels == 1].max()
+    assert bad > good, (bad, good)
+    bank_path, _ = model.bank.save(tmp_path_factory.mktemp("hazelnut") / "hazelnut")
+    return create_app(bank_path, device="cpu", threshold=float(good + bad) / 2), defect
+
+
+@contextlib.contextmanager
+def uvicorn_on_loopback(app):
+    """The app behind a real uvicorn server on a free 127.0.0.1 port, in a thread; its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _choose_files(browser: Browser, selector: str, paths: list[Path]) -> None:
+    """What a person does with the file picker: DevTools sets the input's files, the page's
+    change handler runs as for a real choice."""
+    root = browser.call("DOM.getDocument")["root"]["nodeId"]
+    node = browser.call("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
+    browser.call("DOM.setFileInputFiles", nodeId=node, files=[str(p) for p in paths])
+
+
+def test_inspection_page_in_headless_chromium_rejects_a_hazelnut_defect(hazelnut_app, tmp_path):
+    app, defect = hazelnut_app
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("not a picture of a part")
+    with uvicorn_on_loopback(app) as url:
+        browser = Browser(CHROMIUM, (1100, 800))
+        try:
+            browser.call("Page.navigate", url=f"{url}/")
+            browser.wait_for("document.getElementById('bank').textContent.includes('hazelnut')", timeout=30, settle=0.2)
+            _choose_files(browser, "#file", [defect, not_an_image])
+            browser.wait_for(PAGE_DONE_JS, timeout=60, settle=0.3)
+            state = browser.evaluate(PAGE_STATE_JS)
+            shot = browser.screenshot(tmp_path / "inspect-page.png")
+        finally:
+            browser.close()
+    assert state["decision"] == "reject" and "reject" in state["text"].lower()
+    assert state["category"] == "hazelnut" and "threshold" in state["bank"]
+    assert state["natural"] == 224  # the overlay PNG loaded, at the model input's size
+    assert state["box"][0] > 0 and state["box"][1] > 0  # the worst patch is boxed
+    assert state["refused"].startswith("refused (HTTP 415") and "notes.txt" in state["refused"]
+    assert all(r.startswith((url, "data:")) for r in state["resources"]), state["resources"]  # nothing external
+    with Image.open(shot) as picture:
+        assert picture.format == "PNG" and picture.size[0] == 1100 and picture.size[1] > 400
+        pixels = np.asarray(picture.convert("RGB"))
+    assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000  # not blank: text, heatmap
