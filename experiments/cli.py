@@ -9,6 +9,11 @@
     fedpatch sweep privacy|encoding|poisoning --config C   cost of each protection -> results/sweep-*/
     fedpatch dashboard [RESULTS_DIR]        Streamlit dashboard over compare/fit runs
     fedpatch serve    BANK                  HTTP inspection API (POST /inspect) around one bank
+
+A command's config is read and checked before torch, flwr or ray load (a typo costs a fraction of a
+second). A run that fails leaves its folder's manifest saying so ("failed" / "interrupted", the
+line printed here, the wall time), or no folder at all if it failed before any work
+(experiments/runs.py: `failures_recorded`).
 """
 
 from __future__ import annotations
@@ -40,20 +45,38 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    from experiments.runs import Manifest, new_run_dir, write_config
-    from experiments.scoring import fit_category
+def _config(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    """The experiment config, read and validated with nothing heavier than yaml imported."""
     from federated.config import ExperimentConfig
     from patchcore.config import load_config
-    from patchcore.data.sources import categories, data_root, load_records
+
+    return load_config(args.config, ExperimentConfig, overrides)
+
+
+def _outcome(exc: BaseException) -> tuple[str, str] | None:
+    """(manifest status, the one line printed) for an exception that ends a command; None: none."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", "interrupted"
+    if isinstance(exc, SystemExit):
+        return None if exc.code in (0, None) else ("failed", f"exit code {exc.code}")
+    if isinstance(exc, FedpatchError):
+        return "failed", f"error: {exc}"
+    text = str(exc).strip().splitlines()
+    return "failed", (f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__)  # a bug: traceback follows
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    config = _config(args, _overrides(args))  # first: a bad config is reported before torch loads
+    from experiments.runs import Manifest, new_run_dir, write_config
+    from experiments.scoring import fit_category
     from patchcore.cache import FeatureCache
+    from patchcore.data.sources import categories, data_root, load_records
     from patchcore.model import PatchCore
 
-    config = load_config(args.config, ExperimentConfig, _overrides(args))
     root = data_root(config.data, config.seed)
     records = {c: load_records(config.data, root, c) for c in categories(config.data, root)}  # validate all first
     model = PatchCore(config.model, device=config.device, seed=config.seed)  # backbone, layers, weights
-    model.cache = FeatureCache.under(config.data.cache_dir, "central")
+    model.cache = FeatureCache.under(config.data, "central")
     run_dir = new_run_dir(config.output_dir, "fit", args.out)
     write_config(run_dir, config)
     manifest = Manifest(run_dir, config, "fit")
@@ -96,6 +119,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     tests = {c: [r for r in load_records(config.data, root, c) if r.split == "test"] for c in banks}
     out = new_run_dir(run, "evaluation", args.out)
     manifest = Manifest(out, config, "evaluate")
+    manifest.write(status="running")
     results = {}
     for category, bank in banks.items():
         model = PatchCore.from_bank(bank, device=config.device)
@@ -136,28 +160,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# compare, federate, sweep and deploy check their config here, before importing their modules
+# (which import torch, flwr and ray), and then read it again themselves.
 def cmd_federate(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    _config(args, overrides)
     from experiments.federate import run_federate
 
-    return run_federate(args, _overrides(args))
+    return run_federate(args, overrides)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    _config(args, overrides)
     from experiments.sweeps import run_sweep
 
-    return run_sweep(args, _overrides(args))
+    return run_sweep(args, overrides)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    _config(args, overrides)
     from experiments.compare import run_compare
 
-    return run_compare(args, _overrides(args))
+    return run_compare(args, overrides)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    _config(args, {**overrides, "federation.num_factories": len(args.site)})  # one factory per --site
     from experiments.deploy import run_deploy
 
-    return run_deploy(args, _overrides(args))
+    return run_deploy(args, overrides)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -230,11 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from experiments.runs import failures_recorded
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with failures_recorded(_outcome):  # a failed run's folder says so, or goes if empty
+            return args.func(args)
     except FedpatchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(_outcome(exc)[1], file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -46,7 +46,7 @@ def run_centralized(config: ExperimentConfig, plan: Any, run_dir: Path, progress
     out: dict[str, Any] = {}
     everything = [r for s in plan.shards for r in (*s.train, *s.validation, *s.test)]
     model = PatchCore(config.model, device=config.device, seed=config.seed)
-    model.cache = FeatureCache.under(config.data.cache_dir, "central")  # data.cache_dir/central
+    model.cache = FeatureCache.under(config.data, "central")  # data.cache_dir/central
     for category in plan.categories:
         records = [r for r in everything if r.category == category]
         start = time.time()
@@ -104,7 +104,7 @@ def run_local(config: ExperimentConfig, plan: Any, progress: bool, run_dir: Path
     out: dict[str, dict[str, Any]] = {c: {} for c in plan.categories}
     model = PatchCore(config.model, device=config.device, seed=config.seed)  # one backbone for all fits
     for shard in plan.shards:
-        model.cache = FeatureCache.under(config.data.cache_dir, shard.name)  # the factory's own, as its Site's
+        model.cache = FeatureCache.under(config.data, shard.name)  # the factory's own, as its Site's
         for category in plan.categories:
             records = [r for r in (*shard.train, *shard.validation, *shard.test) if r.category == category]
             train, test = _by_category(records, category, "train"), _by_category(records, category, "test")

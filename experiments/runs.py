@@ -3,24 +3,35 @@
 A run folder is never reused: `new_run_dir` adds a suffix rather than overwrite anything, so a
 failed or repeated command cannot destroy an earlier result. `manifest.json` records the
 resolved config, the command, library versions, the git commit and timings.
+
+A run that fails says so. Every folder `new_run_dir` opens and every `Manifest` is remembered
+for the command in progress; `failures_recorded` (around each CLI command) closes the ones not
+complete when an exception ends it: a folder that holds results keeps them, and its manifest
+gets status "failed" (or "interrupted"), the one-line error the CLI prints and the wall time; a
+folder with nothing but our own config.yaml / manifest.json (the failure came before any work)
+is removed, so no empty run folders pile up. Nothing that holds a result is ever deleted.
+
+This module imports no torch: the CLI uses it before any heavy library loads.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import yaml
 
+from patchcore import strict_json
 from patchcore.config import to_dict
-from patchcore.memory_bank import atomic_write_bytes
 
 PACKAGES = ("fedpatch", "torch", "torchvision", "numpy", "scikit-learn", "scipy", "flwr", "ray", "safetensors")
 
@@ -33,7 +44,9 @@ def new_run_dir(output_dir: str | Path, kind: str, explicit: str | Path | None =
             from patchcore.errors import ConfigError
 
             raise ConfigError(f"output folder {path} already holds files; choose another --out (nothing was overwritten)")
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
+        _OPENED.append(_Opened(path, created))
         return path
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     base = Path(output_dir) / f"{kind}-{stamp}"
@@ -42,6 +55,7 @@ def new_run_dir(output_dir: str | Path, kind: str, explicit: str | Path | None =
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     path.mkdir(parents=True)
+    _OPENED.append(_Opened(path, created=True))
     return path
 
 
@@ -70,11 +84,16 @@ def git_commit() -> dict[str, Any]:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+    """Strict JSON (NaN/inf -> null: patchcore/strict_json.py), written atomically."""
+    from patchcore.memory_bank import atomic_write_bytes
+
+    atomic_write_bytes(path, strict_json.dumps(payload).encode())
 
 
 def write_config(run_dir: Path, config: Any) -> Path:
     """The resolved config as YAML, loadable again with `--config`."""
+    from patchcore.memory_bank import atomic_write_bytes
+
     path = run_dir / "config.yaml"
     atomic_write_bytes(path, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
     return path
@@ -95,6 +114,7 @@ class Manifest:
 
     def __init__(self, run_dir: Path, config: Any, kind: str):
         self.path = run_dir / "manifest.json"
+        _opened(run_dir).manifest = self
         self.started = time.time()
         self.data: dict[str, Any] = {
             "kind": kind,
@@ -117,3 +137,82 @@ class Manifest:
         self.data["wall_s"] = round(time.time() - self.started, 3)
         write_json(self.path, self.data)
         return self.path
+
+
+@dataclass
+class _Opened:
+    """A run folder this process opened, until its command ends."""
+
+    path: Path
+    created: bool  # False: an explicit --out that already existed (empty); never removed
+    manifest: Manifest | None = None
+
+
+_OPENED: list[_Opened] = []  # the folders of the command in progress (see `failures_recorded`)
+OUR_FILES = ("manifest.json", "config.yaml")  # what a run folder holds before any work
+
+
+def _opened(run_dir: Path) -> _Opened:
+    for entry in _OPENED:
+        if entry.path.resolve() == Path(run_dir).resolve():
+            return entry
+    _OPENED.append(_Opened(Path(run_dir), created=False))
+    return _OPENED[-1]
+
+
+@contextmanager
+def failures_recorded(describe: Callable[[BaseException], tuple[str, str] | None]) -> Iterator[None]:
+    """Around one command: if an exception ends it, close the run folders it opened and did not
+    complete. `describe(exc)` gives (status, one-line error), or None for no failure (exit 0)."""
+    since = len(_OPENED)
+    try:
+        yield
+    except BaseException as exc:
+        outcome = describe(exc)
+        if outcome is not None:
+            for entry in _OPENED[since:]:
+                close_failed(entry, *outcome)
+        raise
+    finally:
+        del _OPENED[since:]
+
+
+def close_failed(entry: _Opened, status: str, error: str) -> None:
+    """A failed run's folder: removed when it holds no results, else its manifest says why."""
+    manifest = entry.manifest
+    if manifest is not None and manifest.data.get("status") == "complete":
+        return
+    if not entry.path.is_dir():
+        return
+    if not _holds_results(entry.path) and _remove_empty(entry.path, entry.created):
+        return
+    if manifest is not None:
+        try:
+            manifest.write(status=status, error=error)
+        except OSError:  # a full or vanished disk: the command's own error is the one to report
+            pass
+
+
+def _holds_results(path: Path) -> bool:
+    """Anything but our config.yaml / manifest.json (empty sub-folders do not count)."""
+    for dirpath, _, files in os.walk(path):
+        if any(Path(dirpath) != path or name not in OUR_FILES for name in files):
+            return True
+    return False
+
+
+def _remove_empty(path: Path, created: bool) -> bool:
+    """Remove our own files and the empty folders only (never a tree): True when all went."""
+    try:
+        for dirpath, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):  # deepest first
+            if Path(dirpath) != path:
+                os.rmdir(dirpath)  # fails on anything that appeared meanwhile
+        if _holds_results(path):
+            return False
+        for name in OUR_FILES:
+            (path / name).unlink(missing_ok=True)
+        if created:
+            path.rmdir()
+    except OSError:
+        return False
+    return True

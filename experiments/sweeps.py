@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from experiments.reports import format_table, write_table
 from experiments.runs import Manifest, new_run_dir, write_json
@@ -55,6 +54,7 @@ from patchcore.evaluation import ScoredSet, loader_for
 from patchcore.memory_bank import MemoryBank, atomic_write_bytes
 from patchcore.model import (PatchCore, embedding_dim, feature_transform, patch_scores, scores_from_patches,
                              subsample)
+from patchcore.progress import track
 
 KINDS = ("privacy", "encoding", "poisoning")
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
@@ -86,7 +86,7 @@ def extract(config: ExperimentConfig, plan: FactoryPlan, model: PatchCore, poiso
     used = {r.path for r in hostile.train} if hostile else set()
     for shard in shards + ([dataclasses.replace(hostile, factory_id=-1)] if hostile else []):
         owner = shard if shard.factory_id >= 0 else shards[poisoner]  # the hostile copy is the poisoner's
-        model.cache = FeatureCache.under(config.data.cache_dir, owner.name)  # the factory's own folder
+        model.cache = FeatureCache.under(config.data, owner.name)  # the factory's own folder
         for category in plan.categories:
             train = [r for r in shard.train if r.category == category]
             if train:
@@ -97,8 +97,7 @@ def extract(config: ExperimentConfig, plan: FactoryPlan, model: PatchCore, poiso
     for category in plan.categories:
         records = [r for s in shards for r in s.test if r.category == category and r.path not in used]
         embs, masks, has_mask, grid = [], [], [], None
-        for batch in tqdm(loader_for(records, config, plan.shifts), desc=f"test {category}",
-                          disable=not progress):
+        for batch in track(loader_for(records, config, plan.shifts), f"test {category}", progress):
             emb, grid = model.embed(batch["image"])  # (B, L, D)
             embs.append(emb.cpu())
             masks.append(batch["mask"][:, 0].numpy() > 0.5)

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from federated.config import AGGREGATIONS as METHODS  # named with the config, which checks them without torch
 from federated.errors import PayloadError
 from federated.partition import apportion
 from federated.payload import Payload
 from patchcore.coreset import coreset_size, greedy_coreset
 from patchcore.errors import ConfigError
-
-METHODS: tuple[str, ...] = ("coreset_of_coresets", "concat", "random")
 
 
 @dataclass

@@ -2,6 +2,10 @@
 
 `federation` says how many factories there are, how images are split among them and shifted,
 how much each factory sends and how the server aggregates, and what Ray gives each client.
+
+Import-light on purpose (no torch, no flwr): the CLI loads and checks a config before any heavy
+library, so a typo is reported at once. The names the config accepts for aggregation and the
+poisoning screen live here for that reason; federated/aggregation.py and robust.py import them.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from dataclasses import dataclass, field
 from patchcore.config import Config
 from patchcore.errors import ConfigError
 
-from federated.aggregation import METHODS as AGGREGATIONS
 from federated.faults import parse_faults
 from federated.partition import SCHEMES
-from federated.robust import MODES as POISON_MODES
+
+AGGREGATIONS: tuple[str, ...] = ("coreset_of_coresets", "concat", "random")  # federated/aggregation.py
+POISON_MODES: tuple[str, ...] = ("off", "flag", "exclude", "filter")  # federated/robust.py
 
 
 @dataclass(frozen=True)

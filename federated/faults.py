@@ -18,11 +18,13 @@ the server learns of them only as any real server would, from what arrives or do
 from __future__ import annotations
 
 import dataclasses
-
-import torch
+from typing import TYPE_CHECKING
 
 from federated.partition import FactoryShard, factory_name
 from patchcore.errors import ConfigError, FedpatchError
+
+if TYPE_CHECKING:  # torch only where noise is made: the config validates faults without it
+    import torch
 
 KINDS: tuple[str, ...] = ("crash", "hang", "empty", "noise", "defects")
 
@@ -67,6 +69,8 @@ def apply_to_shard(shard: FactoryShard, kind: str | None) -> FactoryShard:
 
 def noise_like(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Gaussian vectors (n, D) with the row norms of `x`: a poisoner's random payload."""
+    import torch
+
     generator = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(x.shape, generator=generator).to(x.device)
     return noise / noise.norm(dim=1, keepdim=True).clamp_min(1e-12) * x.norm(dim=1, keepdim=True)

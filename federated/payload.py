@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from federated.errors import PayloadError
+from patchcore import strict_json
 from patchcore.errors import ConfigError
 from patchcore.memory_bank import atomic_write_bytes
 
@@ -257,8 +258,7 @@ def save_payload(payload: Payload, path: str | Path, extra: dict[str, Any] | Non
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
     save_file(arrays, str(tmp))
     tmp.replace(tensor_path)
-    atomic_write_bytes(meta_path, (json.dumps({**scalars, **(extra or {})}, indent=2,
-                                              sort_keys=True) + "\n").encode())
+    atomic_write_bytes(meta_path, strict_json.dumps({**scalars, **(extra or {})}).encode())  # NaN/inf -> null
     return tensor_path
 
 

@@ -55,10 +55,10 @@ from typing import Any
 
 import torch
 
+from federated.config import POISON_MODES as MODES  # named with the config, which checks them without torch
 from patchcore.distances import squared_norms
 from patchcore.errors import ConfigError
 
-MODES: tuple[str, ...] = ("off", "flag", "exclude", "filter")
 MAD_TO_SD = 1.4826  # MAD × this = standard deviation for normally distributed data
 
 

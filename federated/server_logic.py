@@ -14,7 +14,6 @@ writes one bank per category with the provenance a reader needs (who contributed
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +32,7 @@ from federated.robust import detect_poisoned, mitigate
 from patchcore.config import ModelConfig, build, to_dict
 from patchcore.errors import ConfigError
 from patchcore.coreset import coreset_size
+from patchcore import strict_json
 from patchcore.memory_bank import MemoryBank, atomic_write_bytes
 from patchcore.model import embedding_dim, resolve_device
 
@@ -277,6 +277,6 @@ def write_run_config(run_dir: str | Path, config: ExperimentConfig) -> Path:
 def write_federation_json(run_dir: str | Path, report: Mapping[str, Any]) -> Path:
     """`run_dir/federated/federation.json`, written atomically (a reader never sees half)."""
     path = Path(run_dir) / "federated" / "federation.json"
-    text = json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"
+    text = strict_json.dumps(report)  # NaN/inf -> null: strict JSON
     atomic_write_bytes(path, text.encode())
     return path

@@ -137,7 +137,7 @@ class Site:
         # Local coresets by (images, settings): a sweep passes one dict per factory across variants.
         self._coresets: dict[tuple, torch.Tensor] = {} if memo is None else memo
         # Its own on-disk feature cache (data.cache_dir/<factory>): a rerun skips the backbone.
-        self.cache = FeatureCache.under(config.data.cache_dir, self.name)
+        self.cache = FeatureCache.under(config.data, self.name)
 
     @classmethod
     def from_folder(cls, config: ExperimentConfig, path: str | Path, name: str,

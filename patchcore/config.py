@@ -23,6 +23,10 @@ from patchcore.errors import ConfigError
 T = TypeVar("T")
 DATA_FORMATS = ("synthetic", "mvtec", "mvtec3d", "autovi")
 LAYER_WEIGHTINGS = ("auto", "paper", "concat", "balanced")
+# The names of patchcore/backbones.py's REGISTRY (a test keeps them equal), checked here without
+# importing torch: the CLI validates a config before any heavy library loads.
+BACKBONES = ("wide_resnet50_2", "resnet18", "resnet50", "efficientnet_lite0", "efficientnet_lite1",
+             "efficientnet_lite2")
 
 
 @dataclass(frozen=True)
@@ -165,9 +169,9 @@ class Config:
         for ok, key, message in checks:
             if not ok:
                 raise ConfigError(f"{key} {message}")
-        from patchcore.backbones import backbone_spec
-
-        backbone_spec(self.model.backbone.name)  # unknown names fail here, before any work
+        if self.model.backbone.name not in BACKBONES:  # unknown names fail here, before any work
+            raise ConfigError(f"unknown backbone {self.model.backbone.name!r} (model.backbone.name); "
+                              f"choose one of {', '.join(BACKBONES)}")
         # An empty data.root is an error where images are read (patchcore.data.sources.data_root),
         # not here: a deployed federation's server reads none, each site names its own folder.
 

@@ -33,10 +33,10 @@ radius of anomalib's 284-d sparse projection at 100k points (see experiments/stu
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from patchcore.distances import nearest_neighbours, squared_norms
 from patchcore.errors import ConfigError
+from patchcore.progress import track
 
 METHODS = ("approximate", "exact")
 PRECISIONS = ("float32", "bfloat16")
@@ -171,7 +171,7 @@ def greedy_coreset(
         min_d = argmax.values  # (N,), the squared distance of each point to the selected set
         del x
         partial = _partial_distances(xs, sq)
-        for step in tqdm(range(size), desc=f"coreset {n}->{size}", disable=not progress, leave=False):
+        for step in track(range(size), f"coreset {n}->{size}", progress, leave=False):
             idx = argmax(out=picks[step : step + 1])  # (1,), on device
             d = partial(idx)  # ||x_i||² - 2 x_i·s, (N,) float32
             d += sq.index_select(0, idx)  # + ||s||²

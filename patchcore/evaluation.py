@@ -14,7 +14,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from patchcore.config import Config
 from patchcore.data import ImageDataset, ImageRecord, PairTransform, image_size, make_loader, read_region, union_mask
@@ -23,6 +22,7 @@ from patchcore.data.sources import model_preprocess
 from patchcore.errors import DataError
 from patchcore.metrics import auc_spro, evaluate, spro_region
 from patchcore.model import PatchCore
+from patchcore.progress import track
 
 
 @dataclass
@@ -80,7 +80,7 @@ def score_records(model: PatchCore, records: Sequence[ImageRecord], config: Conf
                   desc: str = "score") -> ScoredSet:
     """One pass over `records`: image scores, pixel maps, masks and the patch-score grids."""
     scores, maps, masks, has_mask, patches = [], [], [], [], []
-    for batch in tqdm(loader_for(records, config, shifts), desc=desc, disable=not progress):
+    for batch in track(loader_for(records, config, shifts), desc, progress):
         with torch.inference_mode():
             p = model.patch_scores(batch["image"])  # (B, h', w')
             s, m = model.scores_from_patches(p, tuple(batch["image"].shape[-2:]))

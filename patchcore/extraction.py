@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Subset
-from tqdm.auto import tqdm
 
 from patchcore.cache import FeatureCache, weights_identity
 from patchcore.data.dataset import ImageDataset, make_loader
 from patchcore.errors import ConfigError
+from patchcore.progress import track
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -80,7 +80,7 @@ def extract_features(model: Any, loader: Iterable[Any], progress: bool = True, d
     if cache is not None and isinstance(dataset, ImageDataset):
         _extract_cached(model, loader, dataset, cache, sink, progress, desc)
     else:
-        for batch in tqdm(loader, desc=desc, disable=not progress):
+        for batch in track(loader, desc, progress):
             sink.add(model.embed(_images(batch))[0].flatten(0, 1))  # (B·L, D)
     return sink.result(model.device)
 
@@ -109,7 +109,7 @@ def _embed_each(model: Any, loader: Any, dataset: ImageDataset, indices: list[in
         return
     subset = Subset(dataset, indices)
     batches = make_loader(subset, getattr(loader, "batch_size", None) or 1, getattr(loader, "num_workers", 0))
-    for batch in tqdm(batches, desc=f"{desc} ({len(indices)} not cached)", disable=not progress):
+    for batch in track(batches, f"{desc} ({len(indices)} not cached)", progress):
         emb, grid = model.embed(_images(batch))  # (B, L, D)
         for rows in emb:
             yield rows, grid

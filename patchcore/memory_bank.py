@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from patchcore import strict_json
 from patchcore.config import IvfPqConfig
 from patchcore.distances import nearest_neighbours
 from patchcore.errors import BankFormatError, ConfigError
@@ -155,7 +156,7 @@ class MemoryBank:
             "metadata": self.metadata,
         }
         os.replace(tmp, tensor_path)
-        atomic_write_bytes(meta_path, (json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n").encode())
+        atomic_write_bytes(meta_path, strict_json.dumps(meta).encode())  # NaN/inf -> null
         return tensor_path, meta_path
 
     @classmethod

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from patchcore.anomaly_map import to_pixel_maps
 from patchcore.backbones import FeatureExtractor, default_weighting, layer_channels
@@ -23,6 +22,7 @@ from patchcore.errors import BankFormatError, ConfigError
 from patchcore.extraction import extract_features
 from patchcore.features import embed
 from patchcore.memory_bank import MemoryBank
+from patchcore.progress import track
 from patchcore.transform import FeatureTransform
 
 
@@ -187,7 +187,7 @@ class PatchCore:
     def predict(self, loader: Iterable[Any], progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (N,) and maps (N, H, W), on the CPU, for every image of a loader."""
         scores, maps = [], []
-        for batch in tqdm(loader, desc="score", disable=not progress):
+        for batch in track(loader, "score", progress):
             s, m = self.score_batch(_images(batch))
             scores.append(s.cpu())
             maps.append(m.cpu())

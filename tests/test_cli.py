@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from experiments.cli import main
+from patchcore.errors import DataError
 
 TINY = {
     "seed": 0,
@@ -229,3 +230,94 @@ def test_fit_with_a_cache_dir_skips_the_backbone_for_cached_training_images(tmp_
     a = load_file(str(next((tmp_path / "first" / "banks").rglob("*.safetensors"))))
     b = load_file(str(next((tmp_path / "second" / "banks").rglob("*.safetensors"))))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same bank from cached rows
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN / Infinity (not JSON, though Python writes them)."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_evaluate_json_parses_strictly_and_the_manifest_is_complete(fitted, capsys):
+    _, _, run = fitted
+    code, _, _ = run_cli(["evaluate", "--run", run, "--quiet", "--out", run / "strict", "--overlays", "0"], capsys)
+    assert code == 0
+    for name in ("metrics.json", "manifest.json"):
+        _strict((run / "strict" / name).read_text())
+    assert _strict((run / "strict" / "manifest.json").read_text())["status"] == "complete"
+    _strict((run / "banks" / "disc.json").read_text())
+
+
+@pytest.mark.parametrize("raised, status, line, exit_code", [
+    (DataError("disk on fire"), "failed", "error: disk on fire", 2),
+    (KeyboardInterrupt(), "interrupted", "interrupted", 130),
+])
+def test_a_failed_fit_keeps_its_results_and_says_why(tmp_path, capsys, monkeypatch, raised, status, line, exit_code):
+    import experiments.scoring
+
+    real, calls = experiments.scoring.fit_category, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise raised
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experiments.scoring, "fit_category", second_fails)
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["synthetic"]["categories"] = ["disc", "stripes"]
+    code, _, err = run_cli(["fit", "--config", write_config(tmp_path, cfg), "--quiet", "--out", tmp_path / "run"], capsys)
+    assert code == exit_code and err.strip().splitlines() == [line]
+    manifest = _strict((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == status and manifest["error"] == line and manifest["wall_s"] > 0
+    assert (tmp_path / "run" / "banks" / f"{calls[0]}.safetensors").is_file()  # the first bank stays
+
+
+def test_a_run_that_fails_before_any_work_leaves_no_folder(fitted, tmp_path, capsys, monkeypatch):
+    import experiments.scoring
+
+    def fails(*args, **kwargs):
+        raise DataError("no luck")
+
+    monkeypatch.setattr(experiments.scoring, "fit_category", fails)
+    monkeypatch.setattr(experiments.scoring, "score_records", fails)
+    code, _, err = run_cli(["fit", "--config", write_config(tmp_path, TINY), "--quiet"], capsys)
+    assert _one_line_error(code, err) == "error: no luck"
+    assert not any((tmp_path / "results").iterdir())  # fit-* held only config.yaml + manifest.json
+    _, _, run = fitted
+    before = sorted(p.name for p in run.iterdir())
+    code, _, err = run_cli(["evaluate", "--run", run, "--quiet"], capsys)
+    assert _one_line_error(code, err) == "error: no luck"
+    assert sorted(p.name for p in run.iterdir()) == before  # no empty evaluation-* folder
+    (tmp_path / "mine").mkdir()  # an --out the user made, empty: emptied again, never removed
+    code, _, _ = run_cli(["evaluate", "--run", run, "--quiet", "--out", tmp_path / "mine"], capsys)
+    assert code == 2 and (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+def test_a_config_error_comes_before_torch_is_imported(tmp_path):
+    """`fedpatch fit --config` with a typo: exit 2, one line naming the key, torch never loaded
+    (it used to take ~5-13 s for the libraries to import before the config was even read)."""
+    cfg = json.loads(json.dumps(TINY))
+    cfg["model"]["corset"] = {"ratio": 0.1}
+    config = write_config(tmp_path, cfg)
+    probe = ("import sys; from experiments.cli import main; code = main(['fit', '--config', sys.argv[1]]); "
+             "print(code, sorted(m for m in ('torch', 'torchvision', 'flwr', 'ray', 'sklearn') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe, str(config)], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.split() == ["2", "[]"], result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown config key 'model.corset'"), lines
+    for command in (["compare"], ["federate"], ["sweep", "privacy"], ["deploy", "--site", f"a={tmp_path}"]):
+        probe_c = probe.replace("['fit', ", repr(command)[:-1] + ", ")
+        result = subprocess.run([sys.executable, "-c", probe_c, str(config)], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1])
+        assert result.stdout.split() == ["2", "[]"] and "'model.corset'" in result.stderr, (command, result)
+
+
+def test_the_import_light_backbone_names_are_the_registry():
+    from patchcore.backbones import REGISTRY
+    from patchcore.config import BACKBONES
+
+    assert tuple(REGISTRY) == BACKBONES

@@ -1,6 +1,7 @@
 """Extraction paths: feature cache (hits, misses, corruption), memmap output, reduced precision."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -186,3 +187,45 @@ def test_channels_last_gives_the_same_features(records):
 def test_precision_is_validated():
     with pytest.raises(ConfigError, match="model.precision"):
         build(Config, {"data": {"format": "synthetic"}, "model": {"precision": "int4"}}).validate()
+
+
+def _entry_bytes(tmp_path) -> int:
+    scratch = FeatureCache(tmp_path / "scratch")
+    scratch.store("ns", "0" * 64, torch.ones(16, 8), (4, 4))
+    return scratch.path("ns", "0" * 64).stat().st_size
+
+
+def test_past_its_cap_the_cache_evicts_the_least_recently_used_entries(tmp_path, caplog):
+    from patchcore.config import DataConfig
+
+    size = _entry_bytes(tmp_path)  # every entry below has this size (same shape, same key length)
+    data = DataConfig(cache_dir=str(tmp_path / "cache"), cache_max_gb=3.5 * size / 1e9)
+    central, factory = FeatureCache.under(data, "central"), FeatureCache.under(data, "factory-0")
+    assert central.budget_root == factory.budget_root == tmp_path / "cache"  # one cap for the whole cache_dir
+    keys = [f"{i}" * 64 for i in range(4)]
+    for cache, key, when in ((factory, keys[0], 1000), (factory, keys[1], 2000), (central, keys[2], 3000)):
+        cache.store("ns", key, torch.full((16, 8), float(when)), (4, 4))
+        os.utime(cache.path("ns", key), (when, when))
+    assert factory.load("ns", keys[0]) is not None  # a hit: now the most recently used
+    with caplog.at_level(logging.WARNING, logger="fedpatch.cache"):
+        central.store("ns", keys[3], torch.zeros(16, 8), (4, 4))  # 4 entries > 3.5: down to 0.9 × 3.5
+    left = {p.stem for p in (tmp_path / "cache").rglob("*.safetensors")}
+    assert left == {keys[0], keys[2], keys[3]}  # keys[1]: the oldest unused one, in another factory's folder
+    assert len(caplog.records) == 1 and "evicted 1 least recently used" in caplog.text
+    assert central.stats.evicted == 1 and central.stats.evicted_bytes == size
+    assert FeatureCache.under(DataConfig(cache_dir=""), "central") is None
+
+
+def test_a_tiny_cap_keeps_extraction_right_and_the_folder_under_it(model, records, tmp_path, caplog):
+    plain = model.extract(loader(records), progress=False)
+    cache = FeatureCache(tmp_path / "cache")
+    model.extract(loader(records[:1]), progress=False, cache=cache)
+    one = next((tmp_path / "cache").rglob("*.safetensors")).stat().st_size
+    cache.max_bytes = int(2.5 * one)  # room for two of the five images
+    with caplog.at_level(logging.WARNING, logger="fedpatch.cache"):
+        cached = model.extract(loader(records), progress=False, cache=cache)
+    assert len(caplog.records) == 1  # evicted in several passes, said once
+    torch.testing.assert_close(cached, plain)
+    assert sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file()) <= cache.max_bytes
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
+    assert cache.stats.evicted == 3 and cache.stats.evicted_bytes == 3 * one

@@ -105,7 +105,8 @@ def test_cli_federate_quorum_failure_is_one_line_exit_2(tmp_path, capsys):
     assert errors[0].startswith("error: the federation did not complete: failed: QuorumError: only 1 of 3")
     assert not (tmp_path / "run" / "federated" / "banks").exists()
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["status"] == "failed: FederationError" and manifest["privacy"]["epsilon"] is None
+    assert manifest["status"] == "failed" and manifest["error"] == errors[0]  # the line the CLI printed
+    assert manifest["privacy"]["epsilon"] is None
 
 
 @pytest.mark.parametrize("command", ["federate", "compare"])

@@ -5,47 +5,28 @@ reads pixels; `Preprocess` owns the geometry shared by images, masks and anomaly
 `make_synthetic_dataset` writes an offline dataset in the MVTec AD layout.
 """
 
-from patchcore.data.autovi import (
-    AUTOVI_CATEGORIES,
-    AUTOVI_IMAGE_SIZES,
-    DefectSpec,
-    load_autovi,
-    load_defects_config,
-    read_region,
-)
-from patchcore.data.dataset import ImageDataset, collate, make_loader
-from patchcore.data.images import (
-    IMAGE_EXTENSIONS,
-    image_size,
-    list_images,
-    read_array,
-    read_image,
-    read_mask,
-    union_mask,
-)
-from patchcore.data.mvtec import (
-    has_validation,
-    list_categories,
-    load_mvtec,
-    load_mvtec3d_rgb,
-)
-from patchcore.data.records import GOOD, ImageRecord
-from patchcore.data.synthetic import (
-    DEFECTS,
-    SYNTHETIC_CATEGORIES,
-    SyntheticSample,
-    image_rng,
-    make_synthetic_dataset,
-    render_sample,
-)
-from patchcore.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairTransform, Preprocess
+import importlib
+from typing import Any
 
-__all__ = [
-    "AUTOVI_CATEGORIES", "AUTOVI_IMAGE_SIZES", "DEFECTS", "GOOD", "IMAGENET_MEAN",
-    "IMAGENET_STD", "IMAGE_EXTENSIONS", "SYNTHETIC_CATEGORIES", "DefectSpec", "ImageDataset",
-    "ImageRecord", "PairTransform", "Preprocess", "SyntheticSample", "collate", "has_validation",
-    "image_rng", "image_size", "list_categories", "list_images", "load_autovi",
-    "load_defects_config", "load_mvtec", "load_mvtec3d_rgb", "make_loader",
-    "make_synthetic_dataset", "read_array", "read_image", "read_mask", "read_region",
-    "render_sample", "union_mask",
-]
+# Each name is imported on first use (PEP 562): `patchcore.data.records` (and so the config and
+# the partition vocabulary the CLI validates first) stays free of torch.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "autovi": ("AUTOVI_CATEGORIES", "AUTOVI_IMAGE_SIZES", "DefectSpec", "load_autovi", "load_defects_config",
+               "read_region"),
+    "dataset": ("ImageDataset", "collate", "make_loader"),
+    "images": ("IMAGE_EXTENSIONS", "image_size", "list_images", "read_array", "read_image", "read_mask",
+               "union_mask"),
+    "mvtec": ("has_validation", "list_categories", "load_mvtec", "load_mvtec3d_rgb"),
+    "records": ("GOOD", "ImageRecord"),
+    "synthetic": ("DEFECTS", "SYNTHETIC_CATEGORIES", "SyntheticSample", "image_rng", "make_synthetic_dataset",
+                  "render_sample"),
+    "transforms": ("IMAGENET_MEAN", "IMAGENET_STD", "PairTransform", "Preprocess"),
+}
+_LAZY = {name: f"{__name__}.{module}" for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
