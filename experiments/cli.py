@@ -74,7 +74,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from patchcore.model import PatchCore
 
     root = data_root(config.data, config.seed)
-    records = {c: load_records(config.data, root, c) for c in categories(config.data, root)}  # validate all first
+    records = {c: load_records(config.data, root, c, config.threshold.holdout, config.seed)
+               for c in categories(config.data, root)}  # validate all first
     model = PatchCore(config.model, device=config.device, seed=config.seed)  # backbone, layers, weights
     model.cache = FeatureCache.under(config.data, "central")
     run_dir = new_run_dir(config.output_dir, "fit", args.out)
@@ -127,13 +128,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate_scored(scored, config, root, category)
         stored = bank.metadata.get("threshold")
         threshold = stored["value"] if stored else f1_max(scored.labels, scored.scores)[1]
-        metrics["threshold_source"] = stored["method"] if stored else "f1-max on the test set (optimistic)"
+        metrics["threshold_source"] = (f"{stored['method']} on {stored.get('details', {}).get('source', 'validation split')}"
+                                       if stored else "f1-max on the test set (optimistic)")
         results[category] = (scored, metrics, float(threshold))
     summary = write_evaluation(out, results, config, overlays=args.overlays)
     manifest.write(status="complete", banks={c: str(bank_dir / f"{c}.safetensors") for c in banks})
     rows = [{"category": c, **flat_metrics(v)} for c, v in summary.items()]
     columns = ("category", *METRIC_COLUMNS, *(("auc_spro_0.05",) if any("auc_spro_0.05" in r for r in rows) else ()))
     print(format_table(rows, columns))
+    for category, metrics in summary.items():
+        if category == "mean":
+            continue
+        print(f"{category}: F1-max {metrics['f1_max']:.3f} vs {metrics['f1_flag_all']:.3f} for rejecting every "
+              f"image; threshold {metrics['threshold']:.4g} ({metrics['threshold_source']})")
+        for metric, reason in (metrics.get("skipped") or {}).items():
+            print(f"{category}: {metric} skipped: {reason}")
     print(f"evaluation folder: {out}")
     return 0
 

@@ -77,11 +77,19 @@ def write_overlays(folder: Path, category: str, scored: ScoredSet, config: Confi
         image = dataset[i]["image"].permute(1, 2, 0).clamp(0, 1).numpy()
         title = f"{category}/{record.defect}/{record.path.name}: score {scored.scores[i]:.4g} ({why})"
         if threshold is not None:
-            title += f" -> {'FAIL' if float(scored.scores[i]) > threshold else 'PASS'} at {threshold:.4g}"
+            title += f" -> {'reject' if float(scored.scores[i]) > threshold else 'accept'} at {threshold:.4g}"
         name = f"{why}-{record.defect}-{record.path.stem}.png"
         paths.append(plots.overlay(image, scored.maps[i], scored.masks[i] if scored.has_mask[i] else None,
                                    folder / category / name, title, vmin, vmax))
     return paths
+
+
+def finite_mean(values: Sequence[Any]) -> float | None:
+    """Mean of the finite numbers among `values` (None and NaN skipped); None when there are none
+    (a metric no category could compute, e.g. pixel AUROC without masks), without numpy's
+    empty-slice warning."""
+    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
 
 
 def write_evaluation(out: Path, results: Mapping[str, tuple[ScoredSet, dict[str, Any], float | None]],
@@ -97,7 +105,7 @@ def write_evaluation(out: Path, results: Mapping[str, tuple[ScoredSet, dict[str,
         if overlays:
             write_overlays(out / "overlays", category, scored, config, threshold, overlays)
     if rows:
-        means = {k: float(np.nanmean([r[k] for r in rows])) for k in METRIC_COLUMNS}
+        means = {k: finite_mean([r[k] for r in rows]) for k in METRIC_COLUMNS}
         rows.append({"category": "mean", **means, "threshold": None})
         summary["mean"] = means
     write_json(out / "metrics.json", summary)

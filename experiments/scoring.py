@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from patchcore.config import Config
@@ -20,16 +21,33 @@ __all__ = ["ScoredSet", "calibrate", "evaluate_scored", "fit_category", "loader_
 
 
 def calibrate(model: PatchCore, validation: Sequence[ImageRecord], config: Config,
-              shifts: Mapping[str, PairTransform] | None = None, progress: bool = True) -> Threshold | None:
-    """A PASS/FAIL threshold from validation images, or None when there are none."""
+              shifts: Mapping[str, PairTransform] | None = None,
+              progress: bool = True) -> tuple[Threshold, dict[str, float]] | None:
+    """A reject/accept threshold from validation images and the bank's display range, or None
+    when there are none. The threshold's details say where its images came from: a validation
+    split, or training normals held out of the bank (threshold.holdout)."""
     if not validation:
         return None
     scored = score_records(model, validation, config, shifts, progress, desc="calibrate")
     normal = scored.scores[scored.labels == 0]
     anomalous = scored.scores[scored.labels == 1]
     method = config.threshold.method if len(anomalous) else "quantile"
-    return calibrate_threshold(normal, anomalous if len(anomalous) else None, method=method,
-                               quantile=config.threshold.quantile)
+    threshold = calibrate_threshold(normal, anomalous if len(anomalous) else None, method=method,
+                                    quantile=config.threshold.quantile)
+    held = sum(r.held_out for r in validation)
+    source = ({"source": "held-out training normals", "holdout": config.threshold.holdout, "seed": config.seed}
+              if held else {"source": "validation split"})
+    threshold = Threshold(threshold.value, threshold.method, {**threshold.details, **source})
+    return threshold, display_range(scored.maps[scored.labels == 0], threshold.value)
+
+
+def display_range(normal_maps: np.ndarray, threshold: float) -> dict[str, float]:
+    """One colour scale for every overlay of a bank: vmin = the median pixel of the normal
+    calibration maps (a normal surface is cold), vmax = as far above the threshold as vmin is
+    below it, so the threshold sits mid-scale and only what exceeds it turns warm to red."""
+    vmin = float(np.median(normal_maps)) if normal_maps.size else 0.0
+    vmin = min(vmin, threshold)
+    return {"vmin": vmin, "vmax": float(threshold + max(threshold - vmin, 1e-12))}
 
 
 def fit_category(config: Config, category: str, records: Sequence[ImageRecord],
@@ -45,7 +63,8 @@ def fit_category(config: Config, category: str, records: Sequence[ImageRecord],
     meta = {"category": category, "num_train_images": len(train), "preprocess": {
         "resize": config.data.resize, "crop": config.data.crop}}
     model.set_bank(model.subsample(features, progress=progress), meta, num_patches=len(features))
-    threshold = calibrate(model, [r for r in records if r.split == "validation"], config, shifts, progress)
-    if threshold is not None:
-        model.bank.metadata["threshold"] = threshold.to_dict()
+    calibrated = calibrate(model, [r for r in records if r.split == "validation"], config, shifts, progress)
+    if calibrated is not None:
+        model.bank.metadata["threshold"] = calibrated[0].to_dict()
+        model.bank.metadata["display_range"] = calibrated[1]
     return model, features

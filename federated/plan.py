@@ -55,7 +55,7 @@ def plan_factories(config: ExperimentConfig) -> FactoryPlan:
     names = categories(config.data, root)
     records: list[ImageRecord] = []
     for category in names:
-        records.extend(load_records(config.data, root, category))
+        records.extend(load_records(config.data, root, category, config.threshold.holdout, config.seed))
     shards = partition(records, f.num_factories, f.partition, config.seed,
                        alpha=f.alpha, quantity_exponent=f.quantity_exponent)
     shifts = (shifts_for_factories(f.num_factories, config.seed, f.shift_strength)

@@ -106,7 +106,8 @@ def folder_shard(config: ExperimentConfig, path: str | Path, name: str, data_for
                         f"(looked for {', '.join(wanted) if wanted else 'any'})")
     data = dataclasses.replace(config.data, root=str(root), format=data_format, categories=tuple(held))
     config = dataclasses.replace(config, data=data)
-    records = [r.with_domain(name) for c in held for r in load_records(data, root, c)]
+    records = [r.with_domain(name) for c in held
+               for r in load_records(data, root, c, config.threshold.holdout, config.seed)]
     shard = FactoryShard(factory_id=-1, site_name=name,
                          train=[r for r in records if r.split == "train"],
                          test=[r for r in records if r.split == "test"],

@@ -17,12 +17,15 @@ import torch
 
 from patchcore.config import Config
 from patchcore.data import ImageDataset, ImageRecord, PairTransform, image_size, make_loader, read_region, union_mask
-from patchcore.data.autovi import load_defects_config
+from patchcore.data.autovi import DEFECTS_CONFIG, load_defects_config
 from patchcore.data.sources import model_preprocess
 from patchcore.errors import DataError
 from patchcore.metrics import auc_spro, evaluate, spro_region
 from patchcore.model import PatchCore
 from patchcore.progress import track
+
+
+NO_MASKS = "no ground-truth masks for the anomalous test images (image-level labels only)"
 
 
 @dataclass
@@ -41,16 +44,34 @@ class ScoredSet:
         self.labels = np.array([r.label for r in self.records], dtype=np.int64)
 
     def metrics(self) -> dict[str, Any]:
+        """Image metrics always; pixel metrics when some anomalous image has a mask, otherwise
+        they are null and `skipped` says why (no numbers invented from empty masks)."""
+        defects = [r.defect for r in self.records]
+        if not self.pixel_ground_truth:
+            out = evaluate(self.labels, self.scores, defects=defects)
+            out.update({"pixel_auroc": None, "aupro": None})
+            out["skipped"] = {k: NO_MASKS for k in ("pixel_auroc", "aupro")}
+            return out
         return evaluate(self.labels, self.scores, masks=self.masks, maps=self.maps,
-                        defects=[r.defect for r in self.records], has_mask=self.has_mask)
+                        defects=defects, has_mask=self.has_mask)
+
+    @property
+    def pixel_ground_truth(self) -> bool:
+        """True when some anomalous image has a ground-truth mask (pixel metrics are defined)."""
+        return bool((self.has_mask & (self.labels == 1)).any())
 
 
 def evaluate_scored(scored: ScoredSet, config: Config, root: Path, category: str) -> dict[str, Any]:
     """The metrics of a scored set, at the crop or (data.evaluate_at_original) at full size."""
-    if not config.data.evaluate_at_original:
+    if not config.data.evaluate_at_original or not scored.pixel_ground_truth:
         return scored.metrics()
     preprocess = model_preprocess(config.data)
-    specs = load_defects_config(root, category) if config.data.format == "autovi" else None
+    specs, skipped = None, {}
+    if config.data.format == "autovi":
+        if (Path(root) / category / DEFECTS_CONFIG).is_file():
+            specs = load_defects_config(root, category)
+        else:
+            skipped["auc_spro_0.05"] = f"{Path(root) / category / DEFECTS_CONFIG} not found (sPRO needs its saturation thresholds)"
     maps, masks, regions = [], [], []
     for record, amap in zip(scored.records, scored.maps):
         width, height = image_size(record.path)
@@ -66,6 +87,9 @@ def evaluate_scored(scored: ScoredSet, config: Config, root: Path, category: str
     if specs is not None:
         keep = [i for i, r in enumerate(scored.records) if r.label == 0 or r.mask_paths]
         metrics["auc_spro_0.05"] = auc_spro([regions[i] for i in keep], [maps[i] for i in keep], fpr_limit=0.05)
+    if skipped:
+        metrics["auc_spro_0.05"] = None
+        metrics["skipped"] = skipped
     metrics["resolution"] = "original"
     return metrics
 

@@ -258,6 +258,13 @@ def f1_max(labels: Any, scores: Any) -> tuple[float, float]:
     return float(f1[best]), _cut_below(float(thresholds[best]), scores)
 
 
+def f1_flag_all(labels: Any) -> float:
+    """F1 of the trivial rule that rejects every image: 2p / (1 + p), p the anomalous share."""
+    labels = to_numpy(labels).ravel()
+    p = float(labels.mean()) if labels.size else 0.0
+    return 2 * p / (1 + p) if p > 0 else NAN
+
+
 def per_defect_breakdown(labels: Any, scores: Any, defects: Sequence[str]) -> dict[str, dict]:
     """{defect: {image_auroc, num_anomalous, num_good}}: each defect type's anomalous images
     against all good images, to see which defects a bank misses."""
@@ -303,6 +310,9 @@ def evaluate(labels: Any, scores: Any, masks: Any = None, maps: Any = None,
     out: dict[str, Any] = {
         "num_images": int(labels.size), "num_anomalous": int(labels.sum()),
         "image_auroc": image_auroc(labels, scores), "f1_max": f1, "f1_threshold": threshold,
+        # F1 of flagging every image (precision = the anomalous share, recall 1): F1-max near it
+        # means the scores barely separate the classes, however high it looks
+        "f1_flag_all": f1_flag_all(labels),
         "pixel_auroc": NAN, "aupro": NAN, "num_pixel_images": 0,
     }
     if (masks is None) != (maps is None):

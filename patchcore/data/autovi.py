@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from patchcore.data.images import list_images, read_array
-from patchcore.data.mvtec import SPLITS, category_dir, check_splits
+from patchcore.data.mvtec import SPLITS, category_dir, check_splits, masks_expected
 from patchcore.data.records import GOOD, ImageRecord
 from patchcore.errors import DataError
 
@@ -35,6 +35,8 @@ AUTOVI_IMAGE_SIZES = {  # (W, H)
 _HINT = ("expected <category>/train/good/*.png, <category>/test/<defect>/*.png and "
          "<category>/ground_truth/<defect>/<image stem>/<region>.png")
 _KEYS = ("defect_name", "pixel_value", "saturation_threshold", "relative_saturation")
+
+DEFECTS_CONFIG = "defects_config.json"
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def load_defects_config(root: str | Path, category: str) -> dict[str, DefectSpec
 
     Names and pixel values must be unique: a region mask is mapped to its defect by value.
     """
-    path = category_dir(root, category) / "defects_config.json"
+    path = category_dir(root, category) / DEFECTS_CONFIG
     if not path.is_file():
         raise DataError(f"defects config {path} not found: AutoVI categories ship one; copy it "
                         f"from the dataset archive")
@@ -163,6 +165,7 @@ def _train_records(category: Path, split: str) -> list[ImageRecord]:
 
 
 def _test_records(category: Path, require_masks: bool) -> list[ImageRecord]:
+    require_masks = masks_expected(category, require_masks)
     test = category / "test"
     if not test.is_dir():
         raise DataError(f"{category} does not follow the AutoVI layout: no folder {test} "

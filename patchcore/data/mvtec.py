@@ -11,6 +11,8 @@ order, and fail on the first layout problem with one line naming the folder or f
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,8 @@ from patchcore.errors import ConfigError, DataError
 
 SPLITS = ("train", "validation", "test")
 _EXTENSIONS = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+
+log = logging.getLogger("fedpatch.data")
 
 
 def dataset_root(root: str | Path) -> Path:
@@ -153,8 +157,25 @@ def _defect_records(category: Path, defect_dir: Path, layout: _Layout,
     return records
 
 
+_LABELS_ONLY: set[Path] = set()
+
+
+def masks_expected(category: Path, require_masks: bool) -> bool:
+    """`require_masks`, unless the category has no `ground_truth` folder at all: its test images
+    then carry image-level labels only (as the shared AutoVI engine_wiring), which is said once,
+    and evaluation reports image metrics and names the pixel metrics it skips."""
+    if not require_masks or (category / "ground_truth").is_dir():
+        return require_masks
+    if category not in _LABELS_ONLY:
+        _LABELS_ONLY.add(category)
+        log.warning("%s has no ground_truth folder: image-level labels only (pixel metrics will be skipped)",
+                    category)
+    return False
+
+
 def _test_records(category: Path, layout: _Layout, require_masks: bool) -> list[ImageRecord]:
     """Records of `test/<defect>/`: good first, then defects by name."""
+    require_masks = masks_expected(category, require_masks)
     test = category / "test"
     if not test.is_dir():
         raise DataError(f"{category} does not follow the {layout.name} layout: no folder {test}"

@@ -29,6 +29,7 @@ class ImageRecord:
     split: str  # "train" | "validation" | "test"
     mask_paths: tuple[Path, ...] = ()
     domain: str | None = None
+    held_out: bool = False  # a training normal held out to calibrate the threshold (threshold.holdout)
 
     @property
     def is_anomalous(self) -> bool:

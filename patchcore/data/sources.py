@@ -6,11 +6,16 @@ clients and the benchmarks all read data the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
+import numpy as np
+
 from patchcore.config import DataConfig
+from patchcore.data.coverage import warn_lost_area
 from patchcore.data.autovi import AUTOVI_CATEGORIES, load_autovi
 from patchcore.data.mvtec import has_validation, list_categories, load_mvtec, load_mvtec3d_rgb
 from patchcore.data.records import ImageRecord
@@ -49,15 +54,37 @@ def categories(data: DataConfig, root: Path) -> list[str]:
     return found
 
 
-def load_records(data: DataConfig, root: Path, category: str) -> list[ImageRecord]:
-    """Records of one category in the configured format: train, test, and validation when present."""
+def load_records(data: DataConfig, root: Path, category: str, holdout: float = 0.0,
+                 seed: int = 0) -> list[ImageRecord]:
+    """Records of one category in the configured format: train, test, and validation when present.
+
+    Without a validation split, `holdout` > 0 moves that share of the training normals to the
+    validation split (`hold_out`), so a threshold can be calibrated on images the bank never saw."""
     splits: tuple[str, ...] = ("train", "test")
     if data.format in ("mvtec", "mvtec3d", "synthetic") and has_validation(root, category):
         splits += ("validation",)
     if data.format == "autovi":
-        return load_autovi(root, category, splits=splits, require_masks=data.require_masks)
-    loader = load_mvtec3d_rgb if data.format == "mvtec3d" else load_mvtec
-    return loader(root, category, splits=splits, require_masks=data.require_masks)
+        records = load_autovi(root, category, splits=splits, require_masks=data.require_masks)
+    else:
+        loader = load_mvtec3d_rgb if data.format == "mvtec3d" else load_mvtec
+        records = loader(root, category, splits=splits, require_masks=data.require_masks)
+    warn_lost_area(model_preprocess(data), records, category, key=(str(root),))
+    return hold_out(records, holdout, seed) if holdout > 0 and "validation" not in splits else records
+
+
+def hold_out(records: list[ImageRecord], share: float, seed: int) -> list[ImageRecord]:
+    """`records` with ceil(share · n) of the n training normals re-labelled split "validation"
+    (held_out=True), drawn by `seed` from the path-sorted list: the same images whatever the
+    order records arrive in, so a centralized fit and a federation hold out the same ones.
+    At least one image stays in training; categories with fewer than 2 training images are left
+    as they are."""
+    train = sorted((r for r in records if r.split == "train"), key=lambda r: str(r.path))
+    if len(train) < 2:
+        return records
+    count = min(len(train) - 1, max(1, math.ceil(share * len(train))))
+    chosen = {train[i].path for i in np.random.default_rng(seed).permutation(len(train))[:count]}
+    return [dataclasses.replace(r, split="validation", held_out=True) if r.split == "train" and r.path in chosen
+            else r for r in records]
 
 
 def model_preprocess(data: DataConfig) -> Preprocess:
