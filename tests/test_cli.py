@@ -51,9 +51,15 @@ def fitted(tmp_path_factory):
 def test_fit_writes_bank_config_and_manifest(fitted):
     _, _, run = fitted
     bank_json = json.loads((run / "banks" / "disc.json").read_text())
-    # 6 train images x (64/8)^2 = 64 patches -> 384 patches -> 10% = 38
-    assert bank_json["shape"] == [38, 1024]
-    assert bank_json["metadata"]["num_patches"] == 384 and bank_json["metadata"]["category"] == "disc"
+    # 6 train images, no validation split: threshold.holdout 0.1 holds ceil(0.6) = 1 out for the
+    # threshold; 5 x (64/8)^2 = 64 patches -> 320 patches -> 10% = 32, Lite0's 40 + 112 channels
+    assert bank_json["shape"] == [32, 152]
+    meta = bank_json["metadata"]
+    assert meta["num_patches"] == 320 and meta["category"] == "disc" and meta["num_train_images"] == 5
+    threshold = meta["threshold"]
+    assert threshold["method"] == "quantile" and threshold["details"]["source"] == "held-out training normals"
+    assert threshold["details"]["num_normal"] == 1
+    assert meta["display_range"]["vmin"] <= threshold["value"] < meta["display_range"]["vmax"]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["versions"]["torch"] != "absent"
     assert "commit" in manifest["git"] and manifest["config"]["model"]["backbone"]["name"] == "efficientnet_lite0"
@@ -223,10 +229,10 @@ def test_fit_with_a_cache_dir_skips_the_backbone_for_cached_training_images(tmp_
     assert run_cli(["fit", "--config", config, "--out", tmp_path / "first", "--quiet"], capsys)[0] == 0
     first = sum(seen)
     entries = list((tmp_path / "cache" / "central").rglob("*.safetensors"))
-    assert len(entries) == 6  # n_train images of the one category, in data.cache_dir/central
+    assert len(entries) == 5  # n_train images of the one category less the held-out one, in data.cache_dir/central
     seen.clear()
     assert run_cli(["fit", "--config", config, "--out", tmp_path / "second", "--quiet"], capsys)[0] == 0
-    assert sum(seen) == first - 6  # only what is never cached (validation/calibration images) ran again
+    assert sum(seen) == first - 5  # only what is never cached (validation/calibration images) ran again
     a = load_file(str(next((tmp_path / "first" / "banks").rglob("*.safetensors"))))
     b = load_file(str(next((tmp_path / "second" / "banks").rglob("*.safetensors"))))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same bank from cached rows

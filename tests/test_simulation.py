@@ -45,7 +45,8 @@ TINY = {
                            "n_test_good": 3, "n_test_defect": 3}},
     "model": {"backbone": {"name": "efficientnet_lite0", "layers": ["layer2", "layer3"],
                            "weights": "none"},
-              "pretrain_embed_dim": DIM, "target_embed_dim": DIM},
+              # the paper's weighting, so target_embed_dim (small, for speed) sets the size
+              "layer_weighting": "paper", "pretrain_embed_dim": DIM, "target_embed_dim": DIM},
     "federation": {"num_factories": 3, "partition": "iid", "domain_shift": True,
                    "local_ratio": 0.25, "global_ratio": 0.1, "client_cpus": 1,
                    "node_timeout_s": 60, "round_timeout_s": 300},

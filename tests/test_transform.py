@@ -47,11 +47,14 @@ def test_backbone_id_names_the_transform_and_the_bank_must_match():
     plain = build(ModelConfig, {"backbone": {"name": "efficientnet_lite0", "weights": "none"}})
     projected = build(ModelConfig, {"backbone": {"name": "efficientnet_lite0", "weights": "none"},
                                     "transform": {"projection_dim": 64, "clip_norm": 100.0}})
-    assert backbone_id(plain) == "efficientnet_lite0:layer2+layer3:p3:d1024"
-    assert backbone_id(projected) == "efficientnet_lite0:layer2+layer3:p3:d1024:rp64s0:clip100"
+    # Lite0's default weighting concatenates its 40 + 112 channels; the paper's keeps earlier ids
+    assert backbone_id(plain) == "efficientnet_lite0:layer2+layer3:p3:d152:concat"
+    paper = build(ModelConfig, {"backbone": {"name": "efficientnet_lite0", "weights": "none"}, "layer_weighting": "paper"})
+    assert backbone_id(paper) == "efficientnet_lite0:layer2+layer3:p3:d1024"
+    assert backbone_id(projected) == "efficientnet_lite0:layer2+layer3:p3:d152:concat:rp64s0:clip100"
     bf16 = build(ModelConfig, {"backbone": {"name": "efficientnet_lite0", "weights": "none"}, "precision": "bfloat16",
                                "transform": {"projection_dim": 64, "clip_norm": 100.0}})
-    assert backbone_id(bf16) == "efficientnet_lite0:layer2+layer3:p3:d1024:bfloat16:rp64s0:clip100"  # not mixed with fp32
+    assert backbone_id(bf16) == "efficientnet_lite0:layer2+layer3:p3:d152:concat:bfloat16:rp64s0:clip100"  # not mixed with fp32
     model = PatchCore(projected, device="cpu")
     emb, grid = model.embed(torch.rand(2, 3, 64, 64))
     assert emb.shape == (2, grid[0] * grid[1], 64) and float(emb.norm(dim=-1).max()) <= 100 + 1e-3
