@@ -6,7 +6,7 @@
     fedpatch compare  --config C            federated vs centralized vs local -> results/compare-*/
     fedpatch federate --config C [--resume RUN]   the federation alone          -> results/federate-*/
     fedpatch deploy   --config C --site NAME=DIR ...   SuperLink + SuperNodes on loopback -> results/deploy-*/
-    fedpatch sweep privacy|encoding|poisoning --config C   cost of each protection -> results/sweep-*/
+    fedpatch sweep privacy|encoding|poisoning|ratio --config C   cost of each protection, local coreset ratio -> results/sweep-*/
     fedpatch dashboard [RESULTS_DIR]        Streamlit dashboard over compare/fit runs
     fedpatch serve    BANK                  HTTP inspection API (POST /inspect) around one bank
 
@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--site", action="append", required=True, metavar="NAME=FOLDER",
                      help="a site and its own image folder (repeat per site)")
     dep.set_defaults(func=cmd_deploy)
-    sw = sub.add_parser("sweep", help="privacy / encoding / poisoning sweep on features extracted once")
-    sw.add_argument("kind", choices=("privacy", "encoding", "poisoning"))
+    sw = sub.add_parser("sweep", help="privacy / encoding / poisoning / ratio sweep on features extracted once")
+    sw.add_argument("kind", choices=("privacy", "encoding", "poisoning", "ratio"))
     common(sw)
     sw.add_argument("--epsilons", nargs="+", metavar="EPS", help="privacy: ε values (inf allowed); default 0.5 1 2 4 8 inf")
     sw.add_argument("--keep-banks", action="store_true", help="keep each variant's global banks (federations/NN/)")

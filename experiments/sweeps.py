@@ -47,6 +47,7 @@ from federated.payload import raw_feature_bytes
 from federated.plan import FactoryPlan, plan_factories
 from federated.rounds import InProcessTransport, run_rounds
 from federated.site import Site
+from patchcore.coreset import coverage_radius
 from patchcore.cache import FeatureCache
 from patchcore.config import TransformConfig, load_config, to_dict
 from patchcore.errors import ConfigError
@@ -56,7 +57,8 @@ from patchcore.model import (PatchCore, embedding_dim, feature_transform, patch_
                              subsample)
 from patchcore.progress import track
 
-KINDS = ("privacy", "encoding", "poisoning")
+KINDS = ("privacy", "encoding", "poisoning", "ratio")
+LOCAL_FACTORS = (1.0, 2.0, 4.0)  # the ratio sweep's local ratios, as multiples of the global one
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
 ENCODINGS = (("float32", None), ("float16", None), ("int8", None), ("float16", 256), ("float16", 128))
 POISON_MODES = ("off", "flag", "exclude", "filter")
@@ -182,6 +184,14 @@ class Replay:
             banks[category] = self._coresets[key]
         return banks
 
+    def coverage(self, config: ExperimentConfig, banks: dict[str, torch.Tensor]) -> dict[str, float]:
+        """{category: coverage radius of its bank over every factory's (transformed) training patches}."""
+        out = {}
+        for category, bank in sorted(banks.items()):
+            parts = [x for (k, c), x in sorted(self.data.train.items()) if c == category and k >= 0]
+            out[category] = coverage_radius(bank, self._transformed(torch.cat(parts), config))
+        return out
+
     def score(self, config: ExperimentConfig, banks: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
         """Metrics per category of `banks` on the extracted test set, scored by PatchCore's own
         patch-score and map code (queries transformed as the bank's feature space says)."""
@@ -289,6 +299,27 @@ def sweep_poisoning(base: ExperimentConfig, replay: Replay, modes=POISON_MODES) 
     return rows
 
 
+def sweep_ratio(base: ExperimentConfig, replay: Replay, factors=LOCAL_FACTORS) -> list[dict[str, Any]]:
+    """Federated banks with local_ratio = factor x global_ratio beside the centralized bank of the
+    same size (global_ratio of all patches): AUROC, coverage radius over every training patch
+    (what the greedy k-center minimises) and bytes uploaded. With factor 1 the factories' coresets
+    already fill the global budget, so the server keeps their union and selects nothing."""
+    factories = list(range(base.federation.num_factories))
+    g = base.federation.global_ratio
+    central = replay.centralized(base, factories)
+    rows = _row("centralized", replay.score(base, central), method="centralized", local_factor=None,
+                bank_size={c: len(b) for c, b in central.items()}, coverage_radius=replay.coverage(base, central))
+    for factor in factors:
+        config = _variant(base, **{"federation.local_ratio": min(1.0, factor * g)})
+        banks, report = replay.federated(config, factories)
+        rows += _row(f"federated, local {factor:g}x global", replay.score(config, banks), method="federated",
+                     local_factor=factor, local_ratio=config.federation.local_ratio,
+                     bank_size={c: len(b) for c, b in banks.items()},
+                     coverage_radius=replay.coverage(config, banks), bytes_sent=report["bytes_sent"])
+        print(f"local ratio {config.federation.local_ratio:g}: done")
+    return rows
+
+
 def _z(report: dict[str, Any], factory: int) -> float | None:
     zs = [c["z"].get(str(factory), c["z"].get(factory)) for c in report["poisoning"].values() if c.get("z")]
     zs = [z for z in zs if z is not None]
@@ -368,6 +399,8 @@ def run_sweep(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
                                     for e in epsilons if not math.isinf(e)]
     elif args.kind == "encoding":
         rows = sweep_encoding(base, replay)
+    elif args.kind == "ratio":
+        rows = sweep_ratio(base, replay)
     else:
         rows = sweep_poisoning(base, replay)
     manifest.time("variants", time.time() - start)
@@ -375,8 +408,8 @@ def run_sweep(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         shutil.rmtree(out / "features", ignore_errors=True)
     write_outputs(out, args.kind, rows, base)
     manifest.write(status="complete", rows=len(rows))
-    columns = [c for c in ("variant", "category", "image_auroc", "pixel_auroc", "aupro", "bytes_sent", "sigma",
-                           "flagged") if any(c in r for r in rows)]
+    columns = [c for c in ("variant", "category", "image_auroc", "pixel_auroc", "aupro", "bank_size", "coverage_radius",
+                           "bytes_sent", "sigma", "flagged") if any(c in r for r in rows)]
     print(format_table(rows, columns))
     print(f"\nreport: {out / 'report.md'}")
     return 0
