@@ -43,7 +43,7 @@ def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
 def image_rows(category: str, scored: ScoredSet, threshold: float | None, model: str = "") -> list[dict[str, Any]]:
     rows = []
     for record, score in zip(scored.records, scored.scores):
-        decision = "" if threshold is None else ("FAIL" if float(score) > threshold else "PASS")  # float64: see image_results
+        decision = "" if threshold is None else ("reject" if float(score) > threshold else "accept")  # float64: see image_results
         row = {"model": model} if model else {}
         row.update({"category": category, "image": str(record.path), "defect": record.defect,
                     "label": record.label, "score": float(score), "decision": decision})

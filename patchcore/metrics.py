@@ -244,7 +244,7 @@ def _cut_below(t: float, scores: np.ndarray) -> float:
 def f1_max(labels: Any, scores: Any) -> tuple[float, float]:
     """Best image-level F1 over all thresholds and a threshold achieving it.
 
-    The threshold follows the project's PASS/FAIL rule, FAIL when score > threshold: it lies
+    The threshold follows the project's decision rule, reject when score > threshold: it lies
     midway between the lowest score flagged at the best cut and the highest one not flagged
     (the lowest such cut when several tie). (nan, nan) without anomalous images.
     """

@@ -1,6 +1,6 @@
-"""PASS/FAIL threshold calibration on validation image scores.
+"""Accept/reject threshold calibration on validation image scores.
 
-A deployed inspection station needs one number: an image FAILs when its anomaly score is
+A deployed inspection station needs one number: an image is rejected when its anomaly score is
 strictly above the threshold. The threshold is chosen on validation scores either to maximise
 F1 (needs anomalous examples) or as a quantile of the normal scores (a target false-alarm rate
 when no defects are at hand), and it travels with the memory bank as a plain dict.
@@ -21,15 +21,16 @@ METHODS = ("f1", "quantile")
 
 @dataclass(frozen=True)
 class Threshold:
-    """A calibrated decision rule: FAIL when score > value, else PASS."""
+    """A calibrated decision rule: reject when score > value, else accept."""
 
     value: float
     method: str
     details: dict[str, Any] = field(default_factory=dict)
 
     def decide(self, score: float) -> str:
-        """'FAIL' when the score is strictly above the threshold, else 'PASS'."""
-        return "FAIL" if float(score) > self.value else "PASS"
+        """'reject' when the score is strictly above the threshold, else 'accept' (the words
+        `fedpatch predict`, the inspection API and the dashboard use)."""
+        return "reject" if float(score) > self.value else "accept"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as stored in a memory bank's metadata."""
@@ -67,7 +68,7 @@ def calibrate_threshold(normal_scores: Any, anomalous_scores: Any = None, method
     method "f1": the F1-max cut over normal (label 0) and anomalous (label 1) scores, placed
     midway between the two scores it separates; needs anomalous scores.
     method "quantile": the `quantile` of the normal scores (linear interpolation), so about
-    1 - quantile of normal images FAIL; anomalous scores, if given, are not used.
+    1 - quantile of normal images are rejected; anomalous scores, if given, are not used.
     """
     if method not in METHODS:
         raise ConfigError(f"threshold method must be one of {', '.join(METHODS)}, got {method!r}")

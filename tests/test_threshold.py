@@ -1,4 +1,4 @@
-"""PASS/FAIL threshold calibration: hand cases, the strict FAIL-above rule, errors, round trip."""
+"""Accept/reject threshold calibration: hand cases, the strict reject-above rule, errors, round trip."""
 
 import json
 
@@ -15,8 +15,8 @@ def test_quantile_threshold_and_strict_decision():
     t = calibrate_threshold(normal, method="quantile", quantile=0.99)
     assert t.value == pytest.approx(98.01)  # linear interpolation between 98 and 99
     assert t.method == "quantile" and t.details == {"quantile": 0.99, "num_normal": 100}
-    assert t.decide(98.5) == "FAIL"
-    assert t.decide(t.value) == "PASS"  # equal is not above
+    assert t.decide(98.5) == "reject"
+    assert t.decide(t.value) == "accept"  # equal is not above
     # anomalous scores are ignored by the quantile method
     assert calibrate_threshold(normal, [1e6], method="quantile", quantile=0.99).value == t.value
 
@@ -26,7 +26,7 @@ def test_f1_threshold_hand_case():
     t = calibrate_threshold([0.1, 0.4], [0.35, 0.8], method="f1")
     assert t.value == pytest.approx(0.225)
     assert t.details == {"f1": pytest.approx(0.8), "num_normal": 2, "num_anomalous": 2}
-    assert [t.decide(s) for s in (0.1, 0.35, 0.4, 0.8)] == ["PASS", "FAIL", "FAIL", "FAIL"]
+    assert [t.decide(s) for s in (0.1, 0.35, 0.4, 0.8)] == ["accept", "reject", "reject", "reject"]
 
 
 def test_f1_threshold_separates_separable_scores_and_accepts_tensors():
@@ -37,7 +37,7 @@ def test_f1_threshold_separates_separable_scores_and_accepts_tensors():
 def test_f1_threshold_when_every_image_must_fail():
     # a normal score above every anomalous one: the best cut flags everything
     t = calibrate_threshold([0.9], [0.1, 0.2, 0.3])
-    assert [t.decide(s) for s in (0.1, 0.2, 0.3)] == ["FAIL"] * 3
+    assert [t.decide(s) for s in (0.1, 0.2, 0.3)] == ["reject"] * 3
     assert t.details["f1"] == pytest.approx(6 / 7)
 
 
