@@ -27,7 +27,7 @@ def write_report(path: Path, config: Any, plan: Any, rows: list[dict[str, Any]],
         f"({config.model.coreset.method}); seed {config.seed}.\n",
         f"{f.num_factories} factories, partition `{f.partition}`"
         + (f" (alpha {f.alpha:g})" if f.partition == "dirichlet" else "")
-        + f", domain shift {'on' if f.domain_shift else 'off'}; local ratio {f.local_ratio:g}, global ratio "
+        + f", domain shift {'on' if f.domain_shift else 'off'}; local ratio {f.local:g}, global ratio "
         f"{f.global_ratio:g}, aggregation `{f.aggregation}`, payload {f.payload_dtype}.\n",
         "All methods are scored on the same test images (the union of the factories' test sets); "
         "local-only models are scored on their own factory's test images and averaged.\n",

@@ -20,6 +20,7 @@ from federated.partition import SCHEMES
 
 AGGREGATIONS: tuple[str, ...] = ("coreset_of_coresets", "concat", "random")  # federated/aggregation.py
 POISON_MODES: tuple[str, ...] = ("off", "flag", "exclude", "filter")  # federated/robust.py
+LOCAL_FACTOR = 2.0  # federation.local_factor default: see FederationConfig.local_ratio
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,11 @@ class FederationConfig:
     quantity_exponent: float = 1.5  # quantity: share_k ∝ (k+1)^-exponent
     domain_shift: bool = False  # per-factory photometric + geometric shift
     shift_strength: float = 1.0
-    local_ratio: float = 0.1  # each factory's coreset, as a fraction of its patches
+    # each factory's coreset, as a fraction of its patches; null: local_factor x global_ratio
+    # (capped at 1), the multiple measured to give the centralized bank's AUROC at equal bank
+    # size (experiments/studies/federated_parity.md)
+    local_ratio: float | None = None
+    local_factor: float = LOCAL_FACTOR
     global_ratio: float = 0.1  # the global bank, as a fraction of all factories' patches
     aggregation: str = "coreset_of_coresets"  # coreset_of_coresets | concat | random
     payload_dtype: str = "float16"  # float32 | float16 | int8 (per-vector scale)
@@ -61,6 +66,13 @@ class FederationConfig:
     round_timeout_s: float = 3600.0  # how long it waits for replies in the train and evaluate rounds
     local_only: bool = True  # also fit each factory alone, for the comparison
 
+    @property
+    def local(self) -> float:
+        """The local coreset ratio in force: local_ratio, or local_factor x global_ratio."""
+        if self.local_ratio is not None:
+            return self.local_ratio
+        return min(1.0, self.local_factor * self.global_ratio)
+
 
 @dataclass(frozen=True)
 class ExperimentConfig(Config):
@@ -73,7 +85,8 @@ class ExperimentConfig(Config):
             (f.num_factories >= 1, "federation.num_factories", "must be >= 1"),
             (f.partition in SCHEMES, "federation.partition", f"must be one of {', '.join(SCHEMES)}"),
             (f.alpha > 0, "federation.alpha", "must be > 0"),
-            (0.0 < f.local_ratio <= 1.0, "federation.local_ratio", "must be in (0, 1]"),
+            (f.local_ratio is None or 0.0 < f.local_ratio <= 1.0, "federation.local_ratio", "must be in (0, 1] (null: local_factor x global_ratio)"),
+            (f.local_factor >= 1.0, "federation.local_factor", "must be >= 1 (a factory keeps at least the global share)"),
             (0.0 < f.global_ratio <= 1.0, "federation.global_ratio", "must be in (0, 1]"),
             (f.aggregation in AGGREGATIONS, "federation.aggregation", f"must be one of {', '.join(AGGREGATIONS)}"),
             (f.payload_dtype in ("float32", "float16", "int8"), "federation.payload_dtype", "must be float32, float16 or int8"),

@@ -102,7 +102,7 @@ def new_report(config: ExperimentConfig) -> dict[str, Any]:
     spec = config.privacy_spec()
     return {"status": "running", "phase": "start", "num_factories": f.num_factories,
             "partition": f.partition, "aggregation_method": f.aggregation,
-            "local_ratio": f.local_ratio, "global_ratio": f.global_ratio,
+            "local_ratio": f.local, "global_ratio": f.global_ratio,
             "payload_dtype": f.payload_dtype, "min_clients": f.min_clients,
             "poison_mode": f.poison_mode,
             "privacy": spec.to_dict() if spec else {"epsilon": None, "note": "off: no noise"},

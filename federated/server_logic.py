@@ -52,7 +52,7 @@ def _check(payload: Payload, factory_id: int, config: ExperimentConfig, expected
         raise PayloadError(f"payload claims {name(payload.factory_id)} but was sent by "
                            f"{name(factory_id)}")
     f = config.federation
-    max_vectors = coreset_size(max(payload.num_patches, 0), f.local_ratio)
+    max_vectors = coreset_size(max(payload.num_patches, 0), f.local)
     if f.max_vectors is not None:
         max_vectors = min(max_vectors, f.max_vectors)
     validate(payload, expected_dim=expected_dim, expected_backbone=backbone_id,
@@ -148,7 +148,7 @@ def payload_settings(config: ExperimentConfig) -> dict[str, Any]:
     keep = ("num_factories", "partition", "alpha", "quantity_exponent", "domain_shift",
             "shift_strength", "local_ratio", "payload_dtype", "privacy")
     return {"seed": d["seed"], "data": d["data"], "model": d["model"],
-            "federation": {k: f[k] for k in keep}}
+            "federation": {**{k: f[k] for k in keep}, "local_ratio": config.federation.local}}
 
 
 def save_received(payloads: Mapping[str, Mapping[str, Payload]], run_dir: str | Path,

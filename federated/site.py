@@ -172,16 +172,16 @@ class Site:
         only what happens after the coreset (noise, encoding, screening) computes it once."""
         c, t = self.config.model.coreset, self.config.model.transform
         images = tuple(str(r.path) for r in self._records("train", category))
-        key = (category, images, self.config.federation.local_ratio, self.config.seed, repr(c), repr(t),
+        key = (category, images, self.config.federation.local, self.config.seed, repr(c), repr(t),
                self.model.backbone_id, len(features))
         if key not in self._coresets:
-            self._coresets[key] = self.model.subsample(features, self.config.federation.local_ratio, False)
+            self._coresets[key] = self.model.subsample(features, self.config.federation.local, False)
         return self._coresets[key]
 
     def local_payloads(self, progress: bool = False) -> tuple[dict[str, Payload], dict[str, float]]:
         """({category: payload}, {phase: seconds}) for every category this factory trains on.
 
-        Each payload is the greedy coreset (federation.local_ratio of the extracted patches) of
+        Each payload is the greedy coreset (federation.local_ratio, or local_factor x global_ratio, of the extracted patches) of
         the factory's training images of that category; `num_patches` records how many patches
         it was drawn from, which is what the server weights the global budget by.
         """

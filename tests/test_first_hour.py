@@ -222,3 +222,18 @@ def test_autovi_engine_wiring_without_masks_evaluates_image_metrics_and_names_th
     assert ew["pixel_auroc"] is None and set(ew["skipped"]) == {"pixel_auroc", "aupro"}
     assert "engine_wiring: pixel_auroc skipped: no ground-truth masks" in out
     assert "for rejecting every image" in out and "held-out training normals" in out
+
+
+def test_local_ratio_defaults_to_a_multiple_of_the_global_one(tmp_path):
+    from federated.config import LOCAL_FACTOR, ExperimentConfig
+    from patchcore.config import load_config
+    from patchcore.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {format: synthetic}\nfederation: {global_ratio: 0.05}\n")
+    config = load_config(path, ExperimentConfig)
+    assert config.federation.local_ratio is None and config.federation.local == pytest.approx(LOCAL_FACTOR * 0.05)
+    assert load_config(path, ExperimentConfig, {"federation.global_ratio": 0.9}).federation.local == 1.0  # capped
+    assert load_config(path, ExperimentConfig, {"federation.local_ratio": 0.3}).federation.local == 0.3  # explicit wins
+    with pytest.raises(ConfigError, match="federation.local_factor must be >= 1"):
+        load_config(path, ExperimentConfig, {"federation.local_factor": 0.5})
