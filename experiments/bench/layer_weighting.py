@@ -160,7 +160,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (category, pre, method), rs in groups.items():
         row = {"category": category, "preprocess": pre, "method": method, "seeds": len(rs), "bank": rs[0]["bank"]}
         for k in keys:
-            vals = [r[k] for r in rs if r.get(k) is not None]
+            vals = [r[k] for r in rs if r.get(k) is not None and r[k] == r[k]]  # None and NaN: not measured
             row[k] = statistics.mean(vals) if vals else None
             row[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else None
         out.append(row)
