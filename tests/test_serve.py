@@ -294,24 +294,24 @@ PAGE_STATE_JS = """(() => { const card = (state) => document.querySelector(`.car
 
 @pytest.fixture(scope="module")
 def hazelnut_app(tmp_path_factory):
-    """An app on a Lite0 bank fitted on the shared hazelnut training images (1% coreset), the
-    defect to upload, and the threshold: set here, midway between the good test parts' scores and
-    the defect's, so the decision the page must show is known whatever `fit` calibrates."""
+    """An app on a Lite0 bank fitted on the shared hazelnut training images (1% coreset) with the
+    threshold `fit` calibrates on its held-out training normals (hazelnut has no validation
+    folder), and the defect to upload."""
     if not HAZELNUT.is_dir():
         pytest.skip(f"real images not found at {HAZELNUT}")
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install -y chromium)")
     config = load_config(REPO / "configs" / "shared_real.yaml", ExperimentConfig,
                          {"data.root": str(SHARED_MVTEC), "device": "cpu", "model.coreset.ratio": 0.01})
-    records = load_records(config.data, SHARED_MVTEC, "hazelnut")
+    records = load_records(config.data, SHARED_MVTEC, "hazelnut", config.threshold.holdout, config.seed)
     model, _ = fit_category(config, "hazelnut", records, progress=False)
+    threshold = model.bank.metadata["threshold"]
+    assert threshold["details"]["source"] == "held-out training normals"
     defect = _largest_defect(HAZELNUT)
-    tests = [r for r in records if r.split == "test" and (r.label == 0 or r.path == defect)]
-    scored = score_records(model, tests, config, progress=False)
-    good, bad = scored.scores[scored.labels == 0].max(), scored.scores[scored.labels == 1].max()
-    assert bad > good, (bad, good)
+    scored = score_records(model, [r for r in records if r.path == defect], config, progress=False)
+    assert scored.scores[0] > threshold["value"], (scored.scores[0], threshold)
     bank_path, _ = model.bank.save(tmp_path_factory.mktemp("hazelnut") / "hazelnut")
-    return create_app(bank_path, device="cpu", threshold=float(good + bad) / 2), defect
+    return create_app(bank_path, device="cpu"), defect  # the bank's own threshold decides
 
 
 @contextlib.contextmanager
