@@ -48,7 +48,8 @@ def decision_threshold(bank_metadata: Mapping[str, Any], metrics: Mapping[str, A
     carries it, else the F1-max cut on this test set (which flatters the decisions: say so)."""
     stored = bank_metadata.get("threshold")
     if stored:
-        return float(stored["value"]), f"calibrated on validation ({stored['method']})"
+        source = (stored.get("details") or {}).get("source", "validation split")
+        return float(stored["value"]), f"calibrated on {source} ({stored['method']})"
     return float(metrics["f1_threshold"]), TEST_SET_SOURCE
 
 
