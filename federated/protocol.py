@@ -34,8 +34,9 @@ PHASES = {IDENTIFY: "identify", TRAIN: "train", EVALUATE: "evaluate"}
 SITE, ASSIGNMENT, PAYLOAD = "site", "assignment", "payload"
 FEATURES, BANKS = "features", "banks"
 METRICS, TIMINGS, RELEASE = "metrics", "timings", "release"
+CALIBRATION = "calibration"  # {category: (n,) image scores of a site's held-out normal images}
 RECORD_KINDS = {SITE: "config", ASSIGNMENT: "config", PAYLOAD: "config",
-                FEATURES: "arrays", BANKS: "arrays",
+                FEATURES: "arrays", BANKS: "arrays", CALIBRATION: "arrays",
                 METRICS: "metrics", TIMINGS: "metrics", RELEASE: "metrics"}
 SCALES_SUFFIX = "#scales"
 
@@ -195,11 +196,17 @@ class EvaluateReply:
     factory: str
     metrics: dict[str, dict[str, float]]  # {category: {metric: value}}
     timings: dict[str, float] = field(default_factory=dict)
+    # {category: image scores of the site's held-out normals under the global bank}: numbers
+    # only, from which the server calibrates the global bank's threshold
+    calibration: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_records(self) -> Records:
         flat = {f"{c}.{k}": float(v) for c, m in self.metrics.items() for k, v in m.items()}
-        return {METRICS: flat, SITE: {"factory": self.factory},
-                TIMINGS: {k: float(v) for k, v in self.timings.items()}}
+        out = {METRICS: flat, SITE: {"factory": self.factory},
+               TIMINGS: {k: float(v) for k, v in self.timings.items()}}
+        if self.calibration:
+            out[CALIBRATION] = {c: np.asarray(v, dtype=np.float64) for c, v in self.calibration.items()}
+        return out
 
     @classmethod
     def from_records(cls, records: Records) -> "EvaluateReply":
@@ -208,7 +215,9 @@ class EvaluateReply:
             category, _, metric = key.rpartition(".")
             per_category.setdefault(category, {})[metric] = float(value)
         return cls(factory=str(records[SITE]["factory"]), metrics=per_category,
-                   timings={k: float(v) for k, v in records.get(TIMINGS, {}).items()})
+                   timings={k: float(v) for k, v in records.get(TIMINGS, {}).items()},
+                   calibration={c: np.asarray(v, dtype=np.float64).ravel()
+                                for c, v in records.get(CALIBRATION, {}).items()})
 
 
 def to_flower(records: Records):  # -> flwr.app.RecordDict

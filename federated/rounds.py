@@ -201,11 +201,13 @@ def decode_train(replies: Mapping[int, Records], expected: Mapping[int, str],
 def evaluate_round(transport: Transport, config: ExperimentConfig, banks: Mapping[str, Any],
                    nodes: Mapping[str, int], ids: Mapping[str, int], sites: Mapping[int, SiteInfo],
                    report: dict[str, Any]) -> None:
-    """Send each factory the banks of the categories it has test images of; collect its metrics."""
+    """Send each factory the banks of the categories it has test or held-out normal images of;
+    collect its metrics and its held-out normals' scores (report["calibration_scores"])."""
     requests: dict[int, Records] = {}
     for factory, node in sorted(nodes.items()):
         counts = sites[node].counts
-        mine = {c: banks[c] for c in sorted(counts) if c in banks and counts[c].get("test", 0) > 0}
+        mine = {c: banks[c] for c in sorted(counts)
+                if c in banks and (counts[c].get("test", 0) > 0 or counts[c].get("validation", 0) > 0)}
         if mine:
             requests[node] = EvaluateRequest(factory, ids[factory], mine).to_records()
     names = {node: factory for factory, node in nodes.items()}
@@ -213,6 +215,8 @@ def evaluate_round(transport: Transport, config: ExperimentConfig, banks: Mappin
                                   report, names).items():
         reply = EvaluateReply.from_records(records)
         report["per_factory_metrics"][reply.factory] = reply.metrics
+        for category, scores in reply.calibration.items():
+            report.setdefault("calibration_scores", {}).setdefault(category, {})[reply.factory] = scores.tolist()
         if reply.factory in report["factories"]:
             report["factories"][reply.factory]["seconds"].update(reply.timings)
 
@@ -279,6 +283,7 @@ def run_rounds(transport: Transport, config: ExperimentConfig, run_dir: str | Pa
             nodes = {name: node for node, name in names.items() if name in received}
             banks = {c: r.bank.numpy() for c, r in results.items()}  # (M, D) float32 each
             evaluate_round(transport, config, banks, nodes, ids, sites, report)
+            report["calibration"] = calibrate_global_banks(run_dir, config, report.pop("calibration_scores", {}))
             lap("evaluate_round", "done")
         report["status"] = "complete"
     except Exception as exc:
@@ -287,6 +292,30 @@ def run_rounds(transport: Transport, config: ExperimentConfig, run_dir: str | Pa
     finally:
         write_federation_json(run_dir, report)
     return report
+
+
+def calibrate_global_banks(run_dir: Path, config: ExperimentConfig,
+                           scores: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, Any]:
+    """Give each global bank the threshold its sites' held-out normals calibrate: the
+    threshold.quantile of their pooled image scores under that bank (the sites sent scores,
+    never images), written into the bank's metadata. {category: what was calibrated on}."""
+    from patchcore.memory_bank import MemoryBank
+    from patchcore.threshold import calibrate_threshold
+
+    out: dict[str, Any] = {}
+    for category, by_factory in sorted(scores.items()):
+        pooled = [s for factory in sorted(by_factory, key=natural_key) for s in by_factory[factory]]
+        if not pooled:
+            continue
+        threshold = calibrate_threshold(pooled, method="quantile", quantile=config.threshold.quantile)
+        details = {**threshold.details, "source": "held-out training normals at the sites",
+                   "factories": sorted(by_factory, key=natural_key)}
+        path = run_dir / "federated" / "banks" / category
+        bank = MemoryBank.load(path)
+        bank.metadata["threshold"] = {"value": threshold.value, "method": threshold.method, "details": details}
+        bank.save(path)
+        out[category] = {"threshold": threshold.value, "num_normal": len(pooled), "factories": details["factories"]}
+    return out
 
 
 def bank_metadata(config: ExperimentConfig, backbone_id: str, category: str,

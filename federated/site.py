@@ -211,23 +211,32 @@ class Site:
             del features, coreset
         return payloads, seconds
 
-    def evaluate(self, banks: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, dict[str, float]]:
-        """{category: metrics} on this factory's own test images, each category scored with its
-        global bank; categories without test images here are skipped."""
+    def evaluate(self, banks: Mapping[str, torch.Tensor | np.ndarray]
+                 ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+        """({category: metrics} on this factory's own test images, {category: image scores of its
+        held-out or validation normals}), each category scored with its global bank. The scores
+        are what the server calibrates the global threshold on: numbers, never images."""
         out: dict[str, dict[str, float]] = {}
+        calibration: dict[str, np.ndarray] = {}
         for category, bank in sorted(banks.items()):
             test = self._records("test", category)
-            if not test:
+            normals = [r for r in self._records("validation", category) if r.label == 0]
+            if not test and not normals:
                 continue
             features = torch.as_tensor(np.asarray(bank), dtype=torch.float32)  # (M, D)
             self.model.set_bank(features, {"category": category})
+            if normals:
+                calibration[category] = score_records(self.model, normals, self.config, self.shifts,
+                                                      progress=False).scores.astype(np.float64)
+            if not test:
+                continue
             scored = score_records(self.model, test, self.config, self.shifts, progress=False)
             if self.config.data.evaluate_at_original and self.root is not None:
                 metrics = evaluate_scored(scored, self.config, self.root, category)
             else:
                 metrics = scored.metrics()
             out[category] = scalar_metrics(metrics)
-        return out
+        return out, calibration
 
     def _assigned(self, factory: str, factory_id: int) -> None:
         """Take the server's id; refuse a request meant for another factory."""
@@ -251,7 +260,8 @@ class Site:
         if kind == EVALUATE:
             ask = EvaluateRequest.from_records(records)
             self._assigned(ask.factory, ask.factory_id)
-            metrics = self.evaluate(ask.banks)
+            metrics, calibration = self.evaluate(ask.banks)
             return EvaluateReply(self.name, metrics, {"evaluate_s": time.perf_counter() - start,
-                                                      "evaluate_backbone_load_s": self.load_s if cold else 0.0}).to_records()
+                                                      "evaluate_backbone_load_s": self.load_s if cold else 0.0},
+                                 calibration).to_records()
         raise ConfigError(f"unknown message type {kind!r}: expected {IDENTIFY}, {TRAIN} or {EVALUATE}")

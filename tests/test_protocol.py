@@ -34,6 +34,28 @@ def test_site_info_and_replies_survive_flower_records():
     reply = EvaluateReply("a", {"disc": {"image_auroc": 0.75}, "x.y": {"aupro": 0.5}}, {"evaluate_s": 1.5})
     assert EvaluateReply.from_records(from_flower(to_flower(reply.to_records()))) == reply
     assert TrainRequest.from_records(TrainRequest("b", 7).to_records()) == TrainRequest("b", 7)
+    scored = EvaluateReply("a", {}, {}, {"disc": np.array([1.5, 2.25])})
+    back = EvaluateReply.from_records(from_flower(to_flower(scored.to_records())))
+    assert list(back.calibration) == ["disc"] and back.calibration["disc"].tolist() == [1.5, 2.25]
+
+
+def test_global_banks_get_the_threshold_their_sites_held_out_normals_calibrate(tiny, tmp_path):
+    from patchcore.memory_bank import MemoryBank
+
+    config, plan, _ = tiny
+    sites = [Site(config, s, plan.shifts, root=plan.root) for s in plan.shards]
+    report = run_rounds(InProcessTransport(sites), config, tmp_path / "run")
+    held = {}
+    for shard in plan.shards:
+        for r in shard.validation:
+            held.setdefault(r.category, set()).add(shard.name)
+    assert held and set(report["calibration"]) == set(held)  # synthetic data: no validation split
+    for category, owners in held.items():
+        info = report["calibration"][category]
+        assert set(info["factories"]) == owners and info["num_normal"] >= 1
+        meta = MemoryBank.load(tmp_path / "run" / "federated" / "banks" / category).metadata
+        assert meta["threshold"]["value"] == info["threshold"] and meta["threshold"]["method"] == "quantile"
+        assert meta["threshold"]["details"]["source"] == "held-out training normals at the sites"
 
 
 def test_factory_ids_follow_the_natural_order_of_names():

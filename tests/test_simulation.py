@@ -272,9 +272,12 @@ def test_site_local_payloads_are_local_coresets(site_setup):
 
 def test_site_evaluate_returns_numbers_per_category(site_setup):
     _, plan, site, payloads, _ = site_setup
-    metrics = site.evaluate({c: torch.from_numpy(p.features.astype(np.float32))
-                             for c, p in payloads.items()})
+    metrics, calibration = site.evaluate({c: torch.from_numpy(p.features.astype(np.float32))
+                                          for c, p in payloads.items()})
     assert sorted(metrics) == sorted({r.category for r in plan.shard(0).test})
+    held = {r.category: sum(1 for v in plan.shard(0).validation if v.category == r.category)
+            for r in plan.shard(0).validation}
+    assert {c: len(v) for c, v in calibration.items()} == held  # one score per held-out normal
     assert all(isinstance(v, float) for m in metrics.values() for v in m.values())
 
 
