@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,13 @@ class Truth:
                         defects=[r.defect for r in self.records], has_mask=self.has_mask)
 
 
+def common_size(records, preprocess) -> tuple[int, int]:
+    """The (h, w) the category's most common image size resizes to: images of another size (the
+    shared hazelnut has one 512x522 among 512x512) are resized to it too, so maps stack."""
+    sizes = Counter(image_size(r.path) for r in records)
+    return preprocess.resized_size(*sizes.most_common(1)[0][0])
+
+
 def run_anomalib(python: str, folder: Path, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
     start = time.time()
     result = subprocess.run([python, "-c", ANOMALIB, str(folder), str(ratio), str(seed)], capture_output=True, text=True)
@@ -207,6 +215,8 @@ def main(argv=None) -> int:
             data = DataConfig(format=fmt, root=str(root), categories=(category,), resize=resize, crop=crop,
                               require_masks=fmt != "autovi")
             records = load_records(data, root, category)
+            if crop is None and isinstance(resize, int):  # whole image: one (h, w) for the category
+                data = dataclasses.replace(data, resize=common_size(records, model_preprocess(data)))
             train = [r for r in records if r.split in ("train", "validation") and r.label == 0]
             test = [r for r in records if r.split == "test"]
             preprocess = model_preprocess(data)
