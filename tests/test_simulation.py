@@ -49,7 +49,9 @@ TINY = {
               "layer_weighting": "paper", "pretrain_embed_dim": DIM, "target_embed_dim": DIM},
     "federation": {"num_factories": 3, "partition": "iid", "domain_shift": True,
                    "local_ratio": 0.25, "global_ratio": 0.1, "client_cpus": 1,
-                   "node_timeout_s": 60, "round_timeout_s": 300},
+                   # identify waits for every actor's first message (a ClientApp import each,
+                   # two actors at a time on 2 CPUs): generous, for loaded CI machines
+                   "node_timeout_s": 60, "identify_timeout_s": 300, "round_timeout_s": 300},
 }
 
 
