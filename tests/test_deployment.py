@@ -6,6 +6,7 @@ killed during train. The server process gets no data root: only the sites read i
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import threading
@@ -95,10 +96,16 @@ def test_three_sites_each_with_its_own_folder_federate_over_tls(sites, tmp_path)
     assert report["refused"][0]["reason"] == f"plant-a is bound to node {bound}"
     assert report["refused"][0]["node_id"] != bound == report["sites"]["plant-a"]["node_id"]
     for name, folder in sites.items():
-        train = len(list(folder.glob("*/train/good/*.png")))
+        # no validation folder: each site holds ceil(0.1 n) of a category's n training normals
+        # out (threshold.holdout) to calibrate the global threshold; the rest trains
+        per_category = [len(list(c.glob("train/good/*.png"))) for c in folder.iterdir() if c.is_dir()]
+        train = sum(n - math.ceil(0.1 * n) if n >= 2 else n for n in per_category)
         assert report["sites"][name]["train_images"] == train == counts[name]["train"]
         assert report["factories"][name]["num_images"] == train
         assert report["sites"][name]["categories"] == sorted(SITES[name])
+    assert report["calibration"] and all(c["num_normal"] >= 1 for c in report["calibration"].values())
+    disc = json.loads((tmp_path / "run" / "federated" / "banks" / "disc.json").read_text())["metadata"]
+    assert disc["threshold"]["details"]["source"] == "held-out training normals at the sites"
     assert report["aggregation"]["disc"]["factories"] == ["plant-a", "plant-b"]  # plant-c has none
     assert report["aggregation"]["stripes"]["factories"] == ["plant-a", "plant-b", "plant-c"]
     assert sorted(report["per_factory_metrics"]["plant-c"]) == ["stripes"]
