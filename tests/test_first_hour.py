@@ -189,7 +189,8 @@ def test_a_hazelnut_bank_on_the_mvtec_layout_carries_a_threshold_and_predict_dec
     meta = json.loads((run / "banks" / "hazelnut.json").read_text())["metadata"]
     assert meta["threshold"]["details"]["source"] == "held-out training normals"
     assert meta["num_train_images"] == 28 - 3  # ceil(0.1 x 28) held out
-    defect = sorted((SHARED / "mvtec" / "hazelnut" / "test").glob("[!g]*/*.png"))[0]
+    defect = sorted(p for p in (SHARED / "mvtec" / "hazelnut" / "test").glob("[!g]*/*")
+                    if p.suffix.lower() in (".png", ".jpg"))[0]
     capsys.readouterr()
     assert main(["predict", str(defect), "--bank", str(run / "banks" / "hazelnut.safetensors"),
                  "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
