@@ -175,7 +175,8 @@ def masks_expected(category: Path, require_masks: bool) -> bool:
 
 def _test_records(category: Path, layout: _Layout, require_masks: bool) -> list[ImageRecord]:
     """Records of `test/<defect>/`: good first, then defects by name."""
-    require_masks = masks_expected(category, require_masks)
+    if layout is MVTEC_AD:  # MVTec 3D-AD keeps its masks beside the images (test/<defect>/gt)
+        require_masks = masks_expected(category, require_masks)
     test = category / "test"
     if not test.is_dir():
         raise DataError(f"{category} does not follow the {layout.name} layout: no folder {test}"
