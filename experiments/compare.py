@@ -22,7 +22,7 @@ import numpy as np
 
 from experiments import plots
 from experiments.image_results import ImageResults, decision_threshold
-from experiments.reports import flat_metrics, format_table, write_table
+from experiments.reports import finite_mean, flat_metrics, format_table, write_table
 from experiments.report_md import write_report
 from experiments.runs import Manifest, new_run_dir, write_config, write_json
 from experiments.scoring import evaluate_scored, fit_category, score_records
@@ -141,7 +141,7 @@ def result_rows(plan: Any, central: dict, federated: dict, local: dict) -> list[
                     if all(k in m for m in per_factory.values())]
             values = {k: [m[k] for m in per_factory.values()] for k in keys}
             rows.append({"category": category, "method": f"local (mean of {len(per_factory)})",
-                         **{k: float(np.nanmean(v)) for k, v in values.items()},
+                         **{k: finite_mean(v) for k, v in values.items()},  # None: no factory could
                          "bank_size": int(round(np.mean([m["bank_size"] for m in per_factory.values()]))),
                          "coverage_radius": None})
     return rows

@@ -41,7 +41,9 @@ def test_compare_writes_report_plots_and_leaves_no_processes(tmp_path, capsys):
     assert {("disc", "centralized"), ("disc", "federated"), ("disc", "local (mean of 3)")} <= methods
     central = next(r for r in results["rows"] if r["category"] == "disc" and r["method"] == "centralized")
     federated = next(r for r in results["rows"] if r["category"] == "disc" and r["method"] == "federated")
-    assert federated["bank_size"] == central["bank_size"]  # equal final bank size
+    # equal final bank size, up to each factory's coreset size being floored (local = global ratio:
+    # the union of 3 floored local coresets can fall a vector or two short of the budget)
+    assert central["bank_size"] - 3 <= federated["bank_size"] <= central["bank_size"]
     assert all(u["upload_ratio"] <= 0.05 for u in results["uploads"])  # fp16 10% coresets
     assert "federated" in out and "report:" in out
     manifest = json.loads((run / "manifest.json").read_text())
