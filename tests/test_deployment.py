@@ -59,6 +59,7 @@ def make_sites(root: Path) -> dict[str, Path]:
 def write_config(folder: Path, **federation) -> Path:
     cfg = json.loads(json.dumps(TINY))
     cfg["output_dir"] = str(folder / "results")
+    cfg["threshold"] = {"holdout": 0.1}  # the default: sites calibrate the global threshold
     cfg["data"] = {"format": "mvtec", "root": "", "resize": 64, "crop": 64, "batch_size": 8}
     cfg["federation"].update({"domain_shift": False, "node_timeout_s": 120, **federation})
     path = folder / "deploy.yaml"

@@ -66,7 +66,7 @@ def test_factory_ids_follow_the_natural_order_of_names():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    config = load_config(write_config(folder), ExperimentConfig)
+    config = load_config(write_config(folder), ExperimentConfig, {"threshold.holdout": 0.1})  # the default
     return config, plan_factories(config), folder
 
 

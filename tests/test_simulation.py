@@ -40,6 +40,9 @@ DIM = 48  # != the 64-px image side, so no (n, D) array can pass for a grey imag
 SIZE, PATCHES = 64, 64  # 64-px images, stride-8 grid: 8 x 8 patches per image
 TINY = {
     "seed": 0, "device": "cpu",
+    # the federation's mechanics are checked on exact image counts: no training normal is held
+    # out for calibration here (tests/test_protocol.py and test_deployment.py turn it on)
+    "threshold": {"holdout": 0.0},
     "data": {"format": "synthetic", "resize": SIZE, "crop": SIZE, "batch_size": 8,
              "synthetic": {"categories": ["stripes", "disc"], "size": SIZE, "n_train": 6,
                            "n_test_good": 3, "n_test_defect": 3}},
@@ -132,8 +135,14 @@ def test_simulation_metrics_come_back_from_every_factory(federation):
         got = metrics[shard.name]
         assert sorted(got) == sorted({r.category for r in shard.test})
         for values in got.values():
-            assert {"image_auroc", "pixel_auroc", "aupro", "num_images"} <= set(values)
-            assert all(isinstance(v, float) for v in values.values())
+            # pixel metrics only where the factory's test images include a masked defect
+            # (otherwise skipped, not reported as numbers)
+            assert {"image_auroc", "num_images"} <= set(values)
+            # strict JSON: a metric a factory's own test set leaves undefined (e.g. the F1 of
+            # rejecting everything without anomalous images) comes back as null, never NaN
+            assert all(v is None or isinstance(v, float) for v in values.values())
+    assert any(isinstance(v["image_auroc"], float) for m in metrics.values() for v in m.values())
+    assert any(isinstance(v.get("pixel_auroc"), float) for m in metrics.values() for v in m.values())
 
 
 def test_federation_json_has_upload_stats(federation):
