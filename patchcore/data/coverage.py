@@ -68,8 +68,8 @@ def crop_coverage(preprocess: Preprocess, records: Sequence[ImageRecord], catego
     """The share of area kept (worst image size) and the masks the crop cuts, for `records`."""
     kept, worst = 1.0, (0, 0)
     windows: dict[tuple[int, int], tuple[float, float, float, float]] = {}
-    for record in records:
-        size = image_size(record.path)
+    sizes = [image_size(record.path) for record in records]  # one header read per image
+    for size in sizes:
         if size not in windows:
             windows[size] = crop_window(preprocess, *size)
             x0, y0, x1, y1 = windows[size]
@@ -78,16 +78,15 @@ def crop_coverage(preprocess: Preprocess, records: Sequence[ImageRecord], catego
                 kept, worst = min(kept, share), size
     masks = cut = lost = 0
     if preprocess.crop is not None:
-        for record in records:
+        for record, size in zip(records, sizes):
             if not record.mask_paths:
                 continue
-            size = image_size(record.path)
             mask = np.asarray(union_mask(record.mask_paths, size, image=record.path)) > 0
             ys, xs = np.nonzero(mask)
             if xs.size == 0:
                 continue
             masks += 1
-            x0, y0, x1, y1 = windows.get(size) or crop_window(preprocess, *size)
+            x0, y0, x1, y1 = windows[size]
             inside = (xs + 0.5 >= x0) & (xs + 0.5 < x1) & (ys + 0.5 >= y0) & (ys + 0.5 < y1)
             cut += int(not inside.all())
             lost += int(not inside.any())
