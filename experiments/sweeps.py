@@ -1,14 +1,10 @@
 """`fedpatch sweep privacy|encoding|poisoning`: what each protection costs in detection quality.
 
-Every factory's patch embeddings (train and test) are extracted once, into memory and into a
-feature cache (data.cache_dir, or a folder of the sweep's own that is removed at the end). Each
-variant is then a whole federation through the same rounds as `fedpatch federate` and a
-deployment (federated.rounds.run_rounds over the in-process transport, with the real Sites: clip,
-local coreset, noise, encoding, validation, poisoning screen, coreset of coresets); its sites read
-their features from the cache (a variant that projects them extracts once more, into its own
-feature space) and reuse their local coresets when only later steps change. The global banks are
-scored by PatchCore's own scoring code on the union test set's extracted embeddings. Each
-variant's federation.json (and, with --keep-banks, its global banks) stays under federations/NN/.
+Features are extracted once (data.cache_dir, or a folder of the sweep's own that is removed at
+the end) and every variant is a whole federation replayed on them (experiments/replay.py: the
+real Sites and rounds over the in-process transport; a variant that projects the features
+extracts once more, into its own feature space). Each variant's federation.json (and, with
+--keep-banks, its global banks) stays under federations/NN/.
 
 - privacy: ε ∈ {0.5, 1, 2, 4, 8, ∞} (δ, clip_norm from the config). A centralized PatchCore with
   the same clipping (no noise: it releases nothing) and one without clipping are the references.
@@ -27,202 +23,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from experiments.replay import Replay, extract, variant
 from experiments.reports import format_table, write_table
 from experiments.runs import Manifest, new_run_dir, write_json
 from federated.config import ExperimentConfig
-from federated.faults import apply_to_shard
 from federated.partition import factory_name
-from federated.payload import raw_feature_bytes
-from federated.plan import FactoryPlan, plan_factories
-from federated.rounds import InProcessTransport, run_rounds
-from federated.site import Site
-from patchcore.coreset import coverage_radius
-from patchcore.cache import FeatureCache
-from patchcore.config import TransformConfig, load_config, to_dict
+from federated.plan import plan_factories
+from patchcore.config import TransformConfig, load_config
 from patchcore.errors import ConfigError
-from patchcore.evaluation import ScoredSet, loader_for
-from patchcore.memory_bank import MemoryBank, atomic_write_bytes
-from patchcore.model import (PatchCore, embedding_dim, feature_transform, patch_scores, scores_from_patches,
-                             subsample)
-from patchcore.progress import track
+from patchcore.memory_bank import atomic_write_bytes
+from patchcore.model import PatchCore, embedding_dim
 
 KINDS = ("privacy", "encoding", "poisoning", "ratio")
 LOCAL_FACTORS = (1.0, 2.0, 4.0)  # the ratio sweep's local ratios, as multiples of the global one
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
 ENCODINGS = (("float32", None), ("float16", None), ("int8", None), ("float16", 256), ("float16", 128))
 POISON_MODES = ("off", "flag", "exclude", "filter")
-
-
-@dataclass
-class Extracted:
-    """Raw patch embeddings (before model.transform), extracted once per sweep."""
-
-    train: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (N·L, D) per factory, category
-    images: dict[tuple[int, str], int] = field(default_factory=dict)
-    test: dict[str, dict[str, Any]] = field(default_factory=dict)  # category -> emb (N, L, D), grid, records, masks
-
-    @property
-    def train_dim(self) -> int:
-        """D of the raw embeddings: the upload-ratio denominator counts raw fp32 features."""
-        return int(next(iter(self.train.values())).shape[1])
-
-
-def extract(config: ExperimentConfig, plan: FactoryPlan, model: PatchCore, poisoner: int | None,
-            progress: bool) -> Extracted:
-    """Every factory's training embeddings (the poisoner's `defects` shard included) and the
-    union test set's embeddings, per category (the poisoner's training images left out)."""
-    out = Extracted()
-    shards = list(plan.shards)
-    hostile = apply_to_shard(shards[poisoner], "defects") if poisoner is not None else None
-    used = {r.path for r in hostile.train} if hostile else set()
-    for shard in shards + ([dataclasses.replace(hostile, factory_id=-1)] if hostile else []):
-        owner = shard if shard.factory_id >= 0 else shards[poisoner]  # the hostile copy is the poisoner's
-        model.cache = FeatureCache.under(config.data, owner.name)  # the factory's own folder
-        for category in plan.categories:
-            train = [r for r in shard.train if r.category == category]
-            if train:
-                key = (shard.factory_id, category)
-                out.train[key] = model.extract(loader_for(train, config, plan.shifts), progress,
-                                               desc=f"{factory_name(shard.factory_id)} {category}").cpu()
-                out.images[key] = len(train)
-    for category in plan.categories:
-        records = [r for s in shards for r in s.test if r.category == category and r.path not in used]
-        embs, masks, has_mask, grid = [], [], [], None
-        for batch in track(loader_for(records, config, plan.shifts), f"test {category}", progress):
-            emb, grid = model.embed(batch["image"])  # (B, L, D)
-            embs.append(emb.cpu())
-            masks.append(batch["mask"][:, 0].numpy() > 0.5)
-            has_mask.append(batch["has_mask"].numpy())
-            size = tuple(batch["image"].shape[-2:])
-        out.test[category] = {"emb": torch.cat(embs), "grid": grid, "records": records, "size": size,
-                              "masks": np.concatenate(masks), "has_mask": np.concatenate(has_mask)}
-    return out
-
-
-class Replay:
-    """Variants of one experiment on one set of images: each federation runs through the same
-    rounds as every other (federated.rounds.run_rounds, in-process transport, the real Sites:
-    clip, coreset, noise, encoding, validation, screening, aggregation), its training features
-    read from the feature cache after the first variant and its local coresets memoised per
-    factory; centralized references and scoring reuse the embeddings extracted once."""
-
-    def __init__(self, config: ExperimentConfig, data: Extracted, progress: bool, plan: FactoryPlan,
-                 out: Path, keep_banks: bool = False) -> None:
-        """`config.data.cache_dir` should be the cache `extract` filled: the sites read their
-        training features from it (without one, every variant runs the backbone again)."""
-        self.config, self.data, self.progress, self.keep_banks = config, data, progress, keep_banks
-        self.plan, self.out = plan, Path(out)
-        self._coresets: dict[tuple, torch.Tensor] = {}
-        self._memos: dict[int, dict[tuple, torch.Tensor]] = {}  # per factory, across variants
-        self._models: dict[str, PatchCore] = {}  # one backbone per model config
-        self.runs = 0
-
-    def _transformed(self, x: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
-        t = feature_transform(config.model)
-        return x if t.identity else t(x)
-
-
-    def _model(self, config: ExperimentConfig) -> PatchCore:
-        key = json.dumps(to_dict(config.model), sort_keys=True)
-        if key not in self._models:
-            self._models[key] = PatchCore(config.model, device=config.device, seed=config.seed)
-        return self._models[key]
-
-    def federated(self, config: ExperimentConfig, factories: list[int],
-                  fault: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Global banks {category: (M, d)} and a small report of one federation of the plan's
-        factories `factories` (ids 0..n-1); `fault` ("defects" or "noise") turns the last hostile."""
-        faults = (f"{factories[-1]}:{fault}",) if fault else ()
-        config = _variant(config, **{"federation.num_factories": len(factories), "federation.faults": faults,
-                                     "federation.min_clients": min(config.federation.min_clients, len(factories))})
-        sites = [Site(config, self.plan.shards[k], self.plan.shifts, model=self._model(config),
-                      root=self.plan.root, memo=self._memos.setdefault(k, {})) for k in factories]
-        run_dir = self.out / "federations" / f"{self.runs:02d}"
-        self.runs += 1
-        result = run_rounds(InProcessTransport(sites), config, run_dir, evaluate=False)
-        banks = {c: MemoryBank.load(run_dir / "federated" / "banks" / c).features
-                 for c in sorted(result["aggregation"])}
-        shutil.rmtree(run_dir / "federated" / "payloads", ignore_errors=True)  # the report stays
-        if not self.keep_banks:  # a tire bank is ~70 MB a variant: kept on request only
-            shutil.rmtree(run_dir / "federated" / "banks", ignore_errors=True)
-        per_category: dict[str, dict[str, int]] = {}
-        for stats in result["factories"].values():
-            for c, st in stats["categories"].items():
-                row = per_category.setdefault(c, {"bytes_sent": 0, "raw_feature_bytes": 0})
-                row["bytes_sent"] += st["bytes_sent"]
-                row["raw_feature_bytes"] += raw_feature_bytes(st["num_patches"], self.data.train_dim)
-        release = {f"{name}.{k}": v for name, stats in result["factories"].items()
-                   for k, v in stats.get("release", {}).items()}
-        report = {"bytes_sent": {c: v["bytes_sent"] for c, v in per_category.items()},
-                  "raw_feature_bytes": {c: v["raw_feature_bytes"] for c, v in per_category.items()},
-                  "rejected": result["rejected"], "poisoning": result["poisoning"], "release": release,
-                  "run_dir": str(run_dir),
-                  "flagged": sorted({factory_name(k) for c in result["poisoning"].values()
-                                     for k in c.get("flagged", [])})}
-        return banks, report
-
-    def centralized(self, config: ExperimentConfig, factories: list[int]) -> dict[str, torch.Tensor]:
-        """One coreset per category over the union of the factories' (transformed) embeddings."""
-        banks = {}
-        for category in sorted({c for (_, c) in self.data.train}):
-            key = (category, tuple(factories), feature_transform(config.model).tag(), repr(config.model.coreset))
-            if key not in self._coresets:
-                parts = [x for (k, c), x in sorted(self.data.train.items()) if c == category and k in factories]
-                union = self._transformed(torch.cat(parts), config)
-                self._coresets[key] = subsample(union, config.model, config.seed)
-            banks[category] = self._coresets[key]
-        return banks
-
-    def coverage(self, config: ExperimentConfig, banks: dict[str, torch.Tensor]) -> dict[str, float]:
-        """{category: coverage radius of its bank over every factory's (transformed) training patches}."""
-        out = {}
-        for category, bank in sorted(banks.items()):
-            parts = [x for (k, c), x in sorted(self.data.train.items()) if c == category and k >= 0]
-            out[category] = coverage_radius(bank, self._transformed(torch.cat(parts), config))
-        return out
-
-    def score(self, config: ExperimentConfig, banks: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-        """Metrics per category of `banks` on the extracted test set, scored by PatchCore's own
-        patch-score and map code (queries transformed as the bank's feature space says)."""
-        out = {}
-        for category, bank in sorted(banks.items()):
-            test = self.data.test[category]
-            n, length, dim = test["emb"].shape
-            queries = self._transformed(test["emb"].reshape(n * length, dim), config).reshape(n, length, -1)
-            bank = MemoryBank(bank.float(), nn_backend=config.model.nn_backend, ivfpq=config.model.ivfpq)
-            patch = patch_scores(bank, queries, test["grid"], config.model)
-            scores, maps = scores_from_patches(patch, test["size"], config.model)
-            scored = ScoredSet(test["records"], scores.numpy(), maps.numpy(), test["masks"], test["has_mask"])
-            out[category] = scored.metrics()
-        return out
-
-
-def _variant(base: ExperimentConfig, **changes: Any) -> ExperimentConfig:
-    """`base` with dotted-key changes, validated like a loaded config."""
-    config = base
-    for dotted, value in changes.items():
-        section, _, key = dotted.rpartition(".")
-        parts = section.split(".") if section else []
-        objs = [config]
-        for p in parts:
-            objs.append(getattr(objs[-1], p))
-        new = dataclasses.replace(objs[-1], **{key: value})
-        for obj, p in zip(reversed(objs[:-1]), reversed(parts)):
-            new = dataclasses.replace(obj, **{p: new})
-        config = new
-    config.validate()
-    return config
 
 
 def _row(label: str, metrics: dict[str, dict[str, Any]], **extra: Any) -> list[dict[str, Any]]:
@@ -240,14 +64,14 @@ def sweep_privacy(base: ExperimentConfig, replay: Replay, epsilons: tuple[float,
         raise ConfigError("the privacy sweep needs model.transform.clip_norm (set it in the config)")
     factories = list(range(base.federation.num_factories))
     rows = []
-    plain = _variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
+    plain = variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
     rows += _row("centralized, no clipping", replay.score(plain, replay.centralized(plain, list(factories))),
                  method="centralized", epsilon=None)
-    clipped = _variant(base, **{"federation.privacy.epsilon": None})
+    clipped = variant(base, **{"federation.privacy.epsilon": None})
     rows += _row("centralized, clipped", replay.score(clipped, replay.centralized(clipped, list(factories))),
                  method="centralized", epsilon=None)
     for eps in epsilons:
-        config = _variant(base, **{"federation.privacy.epsilon": None if math.isinf(eps) else eps})
+        config = variant(base, **{"federation.privacy.epsilon": None if math.isinf(eps) else eps})
         banks, report = replay.federated(config, factories)
         spec = config.privacy_spec()
         rows += _row(f"federated, ε={eps:g}", replay.score(config, banks), method="federated",
@@ -259,7 +83,7 @@ def sweep_privacy(base: ExperimentConfig, replay: Replay, epsilons: tuple[float,
 
 def sweep_encoding(base: ExperimentConfig, replay: Replay, encodings=ENCODINGS) -> list[dict[str, Any]]:
     factories = list(range(base.federation.num_factories))
-    plain = _variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
+    plain = variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
     rows = _row("centralized", replay.score(plain, replay.centralized(plain, list(factories))),
                 method="centralized")
     full = embedding_dim(base.model)
@@ -268,7 +92,7 @@ def sweep_encoding(base: ExperimentConfig, replay: Replay, encodings=ENCODINGS) 
         print(f"projections to {skipped} dims skipped: not below the embedding size ({full})")
     for dtype, dim in (e for e in encodings if e[1] not in skipped):
         transform = dataclasses.replace(base.model.transform, projection_dim=dim, projection_seed=base.seed)
-        config = _variant(plain, **{"federation.payload_dtype": dtype, "model.transform": transform})
+        config = variant(plain, **{"federation.payload_dtype": dtype, "model.transform": transform})
         banks, report = replay.federated(config, factories)
         label = dtype + (f" + projection {dim}" if dim else "")
         ratio = {c: report["bytes_sent"][c] / report["raw_feature_bytes"][c] for c in report["bytes_sent"]}
@@ -285,7 +109,7 @@ def sweep_poisoning(base: ExperimentConfig, replay: Replay, modes=POISON_MODES) 
     rows = []
     for attack, fault in (("clean", None), ("defect features", "defects"), ("noise", "noise")):
         for mode in (("off",) if attack == "clean" else modes):
-            config = _variant(base, **{"federation.poison_mode": mode if attack != "clean" else "flag"})
+            config = variant(base, **{"federation.poison_mode": mode if attack != "clean" else "flag"})
             banks, report = replay.federated(config, list(honest), fault)
             flagged = report["flagged"]
             rows += _row(f"{attack}, screen {config.federation.poison_mode}", replay.score(config, banks),
@@ -310,7 +134,7 @@ def sweep_ratio(base: ExperimentConfig, replay: Replay, factors=LOCAL_FACTORS) -
     rows = _row("centralized", replay.score(base, central), method="centralized", local_factor=None,
                 bank_size={c: len(b) for c, b in central.items()}, coverage_radius=replay.coverage(base, central))
     for factor in factors:
-        config = _variant(base, **{"federation.local_ratio": min(1.0, factor * g)})
+        config = variant(base, **{"federation.local_ratio": min(1.0, factor * g)})
         banks, report = replay.federated(config, factories)
         rows += _row(f"federated, local {factor:g}x global", replay.score(config, banks), method="federated",
                      local_factor=factor, local_ratio=config.federation.local_ratio,
@@ -384,8 +208,8 @@ def run_sweep(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     manifest.write(status="running")
     own_cache = not base.data.cache_dir  # a cache for this sweep only, removed at the end
     if own_cache:
-        base = _variant(base, **{"data.cache_dir": str(out / "features")})
-    bare = _variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
+        base = variant(base, **{"data.cache_dir": str(out / "features")})
+    bare = variant(base, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
     raw = PatchCore(bare.model, device=base.device, seed=base.seed)  # raw embeddings: transforms per variant
     start = time.time()
     data = extract(base, plan, raw, poisoner, not args.quiet)
@@ -395,7 +219,7 @@ def run_sweep(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.kind == "privacy":
         epsilons = tuple(float(e) for e in args.epsilons) if args.epsilons else EPSILONS
         rows = sweep_privacy(base, replay, epsilons)
-        manifest.data["privacy"] = [_variant(base, **{"federation.privacy.epsilon": e}).privacy_spec().to_dict()
+        manifest.data["privacy"] = [variant(base, **{"federation.privacy.epsilon": e}).privacy_spec().to_dict()
                                     for e in epsilons if not math.isinf(e)]
     elif args.kind == "encoding":
         rows = sweep_encoding(base, replay)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.sweeps import Replay, extract, sweep_poisoning
+from experiments.replay import Replay, extract
+from experiments.sweeps import sweep_poisoning
 from federated.config import ExperimentConfig
 from federated.plan import plan_factories
 from patchcore.config import load_config
