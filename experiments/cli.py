@@ -7,6 +7,7 @@
     fedpatch federate --config C [--resume RUN]   the federation alone          -> results/federate-*/
     fedpatch deploy   --config C --site NAME=DIR ...   SuperLink + SuperNodes on loopback -> results/deploy-*/
     fedpatch sweep privacy|encoding|poisoning|ratio --config C   cost of each protection, local coreset ratio -> results/sweep-*/
+    fedpatch study NAME --config C [--seeds 0 1 2]   parity|shift|unified|factories|ratio|backbones|padim|clipping -> results/study-*/
     fedpatch dashboard [RESULTS_DIR]        Streamlit dashboard over compare/fit runs
     fedpatch serve    BANK                  HTTP inspection API (POST /inspect) around one bank
 
@@ -187,6 +188,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return run_sweep(args, overrides)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from experiments.study import STUDIES
+    from patchcore.errors import ConfigError
+
+    if args.name not in STUDIES:
+        raise ConfigError(f"study {args.name!r} is unknown; valid: {', '.join(STUDIES)}")
+    overrides = _overrides(args)
+    _config(args, overrides)
+    from experiments.study.runner import run_study
+
+    return run_study(args, overrides)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     _config(args, overrides)
@@ -256,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--epsilons", nargs="+", metavar="EPS", help="privacy: ε values (inf allowed); default 0.5 1 2 4 8 inf")
     sw.add_argument("--keep-banks", action="store_true", help="keep each variant's global banks (federations/NN/)")
     sw.set_defaults(func=cmd_sweep)
+    st = sub.add_parser("study", help="a research question in one command: report.md with paired bootstrap CIs")
+    st.add_argument("name", metavar="NAME", help="parity, shift, unified, factories, ratio, backbones, padim, clipping")
+    common(st)
+    st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    st.add_argument("--backbones", nargs="+", metavar="NAME[=WEIGHTS]",
+                    help="backbones study: which (default: every one whose weights are at hand)")
+    st.set_defaults(func=cmd_study)
     dash = sub.add_parser("dashboard", help="Streamlit dashboard: per-image decisions, heatmaps, federation view")
     dash.add_argument("results_dir", nargs="?", default="results", metavar="RESULTS_DIR",
                       help="folder of runs, or one run folder (default: results)")

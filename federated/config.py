@@ -44,6 +44,8 @@ class FederationConfig:
     quantity_exponent: float = 1.5  # quantity: share_k ∝ (k+1)^-exponent
     domain_shift: bool = False  # per-factory photometric + geometric shift
     shift_strength: float = 1.0
+    shift_families: tuple[str, ...] = ("photometric", "illumination", "geometric")  # which parts of a shift
+    shifted_factories: int | None = None  # only the first k factories are shifted (null: all)
     # each factory's coreset, as a fraction of its patches; null: local_factor x global_ratio
     # (capped at 1), the multiple measured to give the centralized bank's AUROC at equal bank
     # size (experiments/studies/federated_parity.md)
@@ -88,6 +90,10 @@ class ExperimentConfig(Config):
             (f.num_factories >= 1, "federation.num_factories", "must be >= 1"),
             (f.partition in SCHEMES, "federation.partition", f"must be one of {', '.join(SCHEMES)}"),
             (f.alpha > 0, "federation.alpha", "must be > 0"),
+            (len(f.shift_families) > 0 and set(f.shift_families) <= {"photometric", "illumination", "geometric"},
+             "federation.shift_families", "must name some of photometric, illumination, geometric"),
+            (f.shifted_factories is None or f.shifted_factories >= 0, "federation.shifted_factories",
+             "must be >= 0 (null: every factory)"),
             (f.local_ratio is None or 0.0 < f.local_ratio <= 1.0, "federation.local_ratio", "must be in (0, 1] (null: local_factor x global_ratio)"),
             (f.local_factor >= 1.0, "federation.local_factor", "must be >= 1 (a factory keeps at least the global share)"),
             (0.0 < f.global_ratio <= 1.0, "federation.global_ratio", "must be in (0, 1]"),

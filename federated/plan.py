@@ -58,8 +58,8 @@ def plan_factories(config: ExperimentConfig) -> FactoryPlan:
         records.extend(load_records(config.data, root, category, config.threshold.holdout, config.seed))
     shards = partition(records, f.num_factories, f.partition, config.seed,
                        alpha=f.alpha, quantity_exponent=f.quantity_exponent)
-    shifts = (shifts_for_factories(f.num_factories, config.seed, f.shift_strength)
-              if f.domain_shift else {})
+    shifts = (shifts_for_factories(f.num_factories, config.seed, f.shift_strength, tuple(f.shift_families),
+                                   f.shifted_factories) if f.domain_shift else {})
     return FactoryPlan(root=root, categories=list(names), shards=shards, shifts=shifts)
 
 

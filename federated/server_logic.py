@@ -146,7 +146,7 @@ def payload_settings(config: ExperimentConfig) -> dict[str, Any]:
     d = to_dict(config)
     f = d["federation"]
     keep = ("num_factories", "partition", "alpha", "quantity_exponent", "domain_shift",
-            "shift_strength", "local_ratio", "payload_dtype", "privacy")
+            "shift_strength", "shift_families", "shifted_factories", "local_ratio", "payload_dtype", "privacy")
     return {"seed": d["seed"], "data": d["data"], "model": d["model"],
             "federation": {**{k: f[k] for k in keep}, "local_ratio": config.federation.local}}
 

@@ -156,7 +156,30 @@ def sample_shift(factory_index: int, seed: int, strength: float = 1.0) -> Domain
     )
 
 
-def shifts_for_factories(num_factories: int, seed: int,
-                         strength: float = 1.0) -> dict[str, DomainShift]:
-    """{factory name: shift}, keyed like `ImageRecord.domain` after `partition`."""
-    return {factory_name(k): sample_shift(k, seed, strength) for k in range(num_factories)}
+# The shift families a study can turn on alone: what each keeps of a drawn shift.
+FAMILIES = ("photometric", "illumination", "geometric")
+
+
+def restrict(shift: DomainShift, families: tuple[str, ...] | list[str]) -> DomainShift:
+    """`shift` with only the named families kept: photometric (brightness, contrast, gains,
+    gamma), illumination (the gradient), geometric (rotation, translation)."""
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ConfigError(f"federation.shift_families: unknown {unknown}; valid: {', '.join(FAMILIES)}")
+    keep = {}
+    if "photometric" in families:
+        keep.update(brightness=shift.brightness, contrast=shift.contrast, gains=shift.gains, gamma=shift.gamma)
+    if "illumination" in families:
+        keep.update(gradient_angle=shift.gradient_angle, gradient_strength=shift.gradient_strength)
+    if "geometric" in families:
+        keep.update(rotation=shift.rotation, translation=shift.translation)
+    return DomainShift(**keep)
+
+
+def shifts_for_factories(num_factories: int, seed: int, strength: float = 1.0,
+                         families: tuple[str, ...] = FAMILIES,
+                         shifted: int | None = None) -> dict[str, DomainShift]:
+    """{factory name: shift}, keyed like `ImageRecord.domain` after `partition`; only the first
+    `shifted` factories (None: all) are shifted, each with the `families` of its draw."""
+    count = num_factories if shifted is None else min(shifted, num_factories)
+    return {factory_name(k): restrict(sample_shift(k, seed, strength), families) for k in range(count)}

@@ -254,17 +254,19 @@ def load_run_config(run: Run) -> Any:
 
 
 @lru_cache(maxsize=4)
-def _shifts(num_factories: int, seed: int, strength: float) -> dict[str, Any]:
+def _shifts(num_factories: int, seed: int, strength: float, families: tuple[str, ...],
+            shifted: int | None) -> dict[str, Any]:
     from federated.shift import shifts_for_factories
 
-    return shifts_for_factories(num_factories, seed, strength)
+    return shifts_for_factories(num_factories, seed, strength, families, shifted)
 
 
 def factory_shifts(config: Any) -> dict[str, Any]:
     """{factory: shift} as the run drew them (plan_factories' shifts are a pure function of the
     config; drawing them here avoids listing, or regenerating, the whole dataset)."""
     f = config.federation
-    return _shifts(f.num_factories, config.seed, f.shift_strength) if f.domain_shift else {}
+    return (_shifts(f.num_factories, config.seed, f.shift_strength, tuple(f.shift_families), f.shifted_factories)
+            if f.domain_shift else {})
 
 
 @dataclass
