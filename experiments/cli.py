@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("name", metavar="NAME", help="parity, shift, unified, factories, ratio, backbones, padim, clipping")
     common(st)
     st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    st.add_argument("--levels", nargs="+", metavar="LEVEL",
+                    help="the studied variable's values: shift conditions (e.g. severe geometric), factory counts, "
+                         "coreset ratios, clipping quantiles (default: the study's full grid)")
     st.add_argument("--backbones", nargs="+", metavar="NAME[=WEIGHTS]",
                     help="backbones study: which (default: every one whose weights are at hand)")
     st.set_defaults(func=cmd_study)

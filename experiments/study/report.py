@@ -164,8 +164,10 @@ def write_report(study: Study, title: str, what: str, findings: list[str], diffe
     return path
 
 
-def verdict(d: dict[str, Any], a: str, b: str) -> str:
-    """One difference row in words: 'a 0.812 vs b 0.803: +0.009 (95% CI ...; within noise)'."""
+def verdict(d: dict[str, Any], a: str | None = None, b: str | None = None) -> str:
+    """One difference row in words: 'a 0.812 vs b 0.803: +0.009 (95% CI ...; within noise)';
+    a and b default to the row's own labels ("condition / method")."""
+    a, b = a or d["a"], b or d["b"]
     state = "a real gap" if d["real"] else "within noise"
     return (f"{d['category']}: {a} {d['a_mean']:.3f} vs {b} {d['b_mean']:.3f}, difference {d['diff']:+.3f} "
             f"(95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}: {state})")

@@ -28,7 +28,7 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     write_config(out, config)
     manifest = Manifest(out, config, f"study-{args.name}")
     manifest.write(status="running", seeds=list(args.seeds))
-    options = {"backbones": getattr(args, "backbones", None) or None}
+    options = {"backbones": getattr(args, "backbones", None) or None, "levels": getattr(args, "levels", None) or None}
     study = Study(args.name, config, args.seeds, out, not args.quiet, options)
     module = importlib.import_module(f"experiments.study.{args.name}")
     start = time.time()
