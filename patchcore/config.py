@@ -98,6 +98,11 @@ class SyntheticConfig:
     n_train: int = 30
     n_test_good: int = 8
     n_test_defect: int = 12
+    # Difficulty (patchcore/data/synthetic.py; checked there): the defaults are the classic rendering.
+    defect_contrast: float = 1.0  # share of the classic defect's colour change, (0, 1]
+    defect_size: float = 1.0  # defect lengths and radii scale, [0.3, 1.5]
+    texture_variation: float = 0.0  # material lots, shape spread, rare normal features, [0, 1]
+    lighting_variation: float = 0.0  # per-image lamp gain, colour, gradient, vignette, [0, 1]
 
 
 @dataclass(frozen=True)

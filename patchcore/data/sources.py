@@ -19,7 +19,7 @@ from patchcore.data.coverage import warn_lost_area
 from patchcore.data.autovi import AUTOVI_CATEGORIES, load_autovi
 from patchcore.data.mvtec import has_validation, list_categories, load_mvtec, load_mvtec3d_rgb
 from patchcore.data.records import ImageRecord
-from patchcore.data.synthetic import make_synthetic_dataset
+from patchcore.data.synthetic import Difficulty, make_synthetic_dataset
 from patchcore.data.transforms import Preprocess
 from patchcore.errors import ConfigError, DataError
 
@@ -33,11 +33,14 @@ def data_root(data: DataConfig, seed: int = 0) -> Path:
             raise ConfigError("data.root is empty: give the dataset folder (config, --data-root or FEDPATCH_DATA_ROOT)")
         return Path(data.root).expanduser()
     s = data.synthetic
+    difficulty = Difficulty(s.defect_contrast, s.defect_size, s.texture_variation, s.lighting_variation)
     params = {"categories": list(s.categories), "size": s.size, "n_train": s.n_train,
-              "n_test_good": s.n_test_good, "n_test_defect": s.n_test_defect, "seed": seed}
+              "n_test_good": s.n_test_good, "n_test_defect": s.n_test_defect, "seed": seed,
+              **difficulty.params()}  # {} when classic: the classic datasets' hashes are unchanged
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(data.root).expanduser() if data.root else DEFAULT_SYNTHETIC_CACHE / digest
-    return make_synthetic_dataset(root, s.categories, s.n_train, s.n_test_good, s.n_test_defect, s.size, seed)
+    return make_synthetic_dataset(root, s.categories, s.n_train, s.n_test_good, s.n_test_defect, s.size, seed,
+                                  difficulty)
 
 
 def categories(data: DataConfig, root: Path) -> list[str]:
