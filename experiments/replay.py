@@ -29,7 +29,7 @@ from federated.payload import raw_feature_bytes
 from federated.plan import FactoryPlan
 from federated.rounds import InProcessTransport, run_rounds
 from federated.site import Site
-from patchcore.cache import FeatureCache, shift_identity
+from patchcore.cache import FeatureCache, shift_identity, weights_identity
 from patchcore.config import to_dict
 from patchcore.coreset import coverage_radius
 from patchcore.data.records import ImageRecord
@@ -79,7 +79,7 @@ class TestMemo:
 
 def _settings(model: PatchCore, config: ExperimentConfig) -> str:
     d = config.data
-    return json.dumps({"model": model.backbone_id, "weights": str(model.config.backbone.weights),
+    return json.dumps({"model": model.backbone_id, "weights": weights_identity(str(model.config.backbone.weights), model.seed),
                        "resize": d.resize, "crop": d.crop}, sort_keys=True)
 
 

@@ -164,9 +164,11 @@ class Study:
     def model(self, config: ExperimentConfig) -> PatchCore:
         """One backbone per model config (raw embeddings: transforms are applied per variant)."""
         bare = variant(config, **{"model.transform": TransformConfig(), "federation.privacy.epsilon": None})
-        key = json.dumps(to_dict(bare.model), sort_keys=True)
+        # untrained weights ("none") are drawn from the seed, as the federation's sites draw them
+        seed = config.seed if str(config.model.backbone.weights) == "none" else 0
+        key = json.dumps([to_dict(bare.model), seed], sort_keys=True)
         if key not in self._models:
-            self._models[key] = PatchCore(bare.model, device=config.device, seed=0)
+            self._models[key] = PatchCore(bare.model, device=config.device, seed=seed)
         return self._models[key]
 
     def replay(self, seed: int, plan_edit: Callable[[FactoryPlan], FactoryPlan] | None = None,

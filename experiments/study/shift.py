@@ -22,11 +22,12 @@ from experiments.study.common import both
 from experiments.study.core import Study
 from experiments.study.report import Table, lines, verdict, write_report
 
-SEVERITY = {"mild": 0.5, "moderate": 1.0, "severe": 2.0}
+SEVERITY = {"none": 0.0, "mild": 0.5, "moderate": 1.0, "severe": 2.0}
 ALL = ("photometric", "illumination", "geometric")
 CONDITIONS = (("all families", "mild", ALL), ("all families", "moderate", ALL), ("all families", "severe", ALL),
               ("photometric", "moderate", ("photometric",)), ("illumination", "moderate", ("illumination",)),
               ("geometric", "moderate", ("geometric",)))
+CONTROL = (("all families", "none", ALL),)  # strength 0: on request (--levels none), must cost exactly 0
 PARTIAL = "half the factories shifted (moderate)"
 TITLE = "Domain shift: no adaptation, re-calibration, re-fit"
 
@@ -116,11 +117,11 @@ def chosen(study: Study):
     levels = study.options.get("levels")
     if not levels:
         return CONDITIONS
-    picked = tuple(c for c in CONDITIONS if any(level in (c[0], c[1], f"{c[0]}, {c[1]}") for level in levels))
+    picked = tuple(c for c in CONTROL + CONDITIONS if any(level in (c[0], c[1], f"{c[0]}, {c[1]}") for level in levels))
     if not picked:
         from patchcore.errors import ConfigError
 
-        raise ConfigError(f"--levels {' '.join(levels)} names no shift condition; valid: mild, moderate, severe, "
+        raise ConfigError(f"--levels {' '.join(levels)} names no shift condition; valid: none, mild, moderate, severe, "
                           "photometric, illumination, geometric")
     return picked
 
@@ -173,12 +174,15 @@ def _mean_calibration(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _severity_plot(study: Study):
     summary = {(r["condition"], r["method"], r["category"]): r for r in study.results.summary()}
     categories = sorted({k[2] for k in summary})
-    x = [0.0] + [SEVERITY[s] for s in ("mild", "moderate", "severe")]
+    levels = [s for s in ("mild", "moderate", "severe") if any(k[0] == f"all families, {s}" for k in summary)]
+    if not levels:
+        return None
+    x = [0.0] + [SEVERITY[s] for s in levels]
     series = {}
     for category in categories:
         for method in ("federated", "centralized"):
             keys = [("clean", method, category)] + [(f"all families, {s}", f"{method}, no adaptation", category)
-                                                     for s in ("mild", "moderate", "severe")]
+                                                     for s in levels]
             if all(k in summary for k in keys):
                 series[f"{category} {method}"] = ([summary[k]["image_auroc_mean"] for k in keys],
                                                   [summary[k]["image_auroc_std"] for k in keys])
