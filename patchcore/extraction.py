@@ -32,7 +32,9 @@ def _images(batch: Any) -> torch.Tensor:
 def cache_settings(model: Any, dataset: ImageDataset) -> dict[str, Any]:
     """Everything besides the image and its shift that changes the embeddings."""
     c, pre = model.config, dataset.preprocess
-    return {"backbone_id": model.backbone_id, "weights": weights_identity(c.backbone.weights, model.seed),
+    # the id of the raw embeddings: entries are kept before model.transform (clip, projection),
+    # so one entry serves every transform (ids without a transform are unchanged)
+    return {"backbone_id": getattr(model, "raw_backbone_id", model.backbone_id), "weights": weights_identity(c.backbone.weights, model.seed),
             "pretrain_embed_dim": c.pretrain_embed_dim, "precision": getattr(c, "precision", "float32"),
             "preprocess": {"resize": pre.resize, "crop": pre.crop, "mean": pre.mean, "std": pre.std}}
 
@@ -94,12 +96,12 @@ def _extract_cached(model: Any, loader: Any, dataset: ImageDataset, cache: Featu
     fresh = _embed_each(model, loader, dataset, missing, progress, desc)
     for i, hit in enumerate(found):
         if hit is None:
-            rows, grid = next(fresh)  # (L, D) on the device
+            rows, grid = next(fresh)  # (L, D) raw, on the device
             if keys[i] is not None:
                 cache.store(namespace, keys[i], rows, grid)
         else:
             rows = hit[0].to(model.device)
-        sink.add(rows)
+        sink.add(rows if model.transform.identity else model.transform(rows))
 
 
 def _embed_each(model: Any, loader: Any, dataset: ImageDataset, indices: list[int],
@@ -110,7 +112,7 @@ def _embed_each(model: Any, loader: Any, dataset: ImageDataset, indices: list[in
     subset = Subset(dataset, indices)
     batches = make_loader(subset, getattr(loader, "batch_size", None) or 1, getattr(loader, "num_workers", 0))
     for batch in track(batches, f"{desc} ({len(indices)} not cached)", progress):
-        emb, grid = model.embed(_images(batch))  # (B, L, D)
+        emb, grid = model.embed_raw(_images(batch))  # (B, L, D) before model.transform
         for rows in emb:
             yield rows, grid
 

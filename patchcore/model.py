@@ -9,6 +9,7 @@ and turns the patch-score grid into a pixel map at the input crop's size (biline
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from patchcore.anomaly_map import to_pixel_maps
 from patchcore.backbones import FeatureExtractor, default_weighting, layer_channels
 from patchcore.cache import FeatureCache
-from patchcore.config import ModelConfig, build, to_dict
+from patchcore.config import ModelConfig, TransformConfig, build, to_dict
 from patchcore.coreset import coreset_size, greedy_coreset
 from patchcore.errors import BankFormatError, ConfigError
 from patchcore.extraction import extract_features
@@ -74,6 +75,11 @@ def backbone_id(config: ModelConfig) -> str:
     return f"{base}:{tag}" if tag else base
 
 
+def raw_backbone_id(config: ModelConfig) -> str:
+    """The id of the embeddings before model.transform (clip, projection): the feature cache's."""
+    return backbone_id(dataclasses.replace(config, transform=TransformConfig()))
+
+
 def subsample(features: torch.Tensor, config: ModelConfig, seed: int, ratio: float | None = None,
               progress: bool = False) -> torch.Tensor:
     """The greedy coreset (float32) of `features` (N, D) at `ratio` (default: config.coreset.ratio),
@@ -129,14 +135,23 @@ class PatchCore:
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """images (B, 3, H, W) in [0, 1] -> patch embeddings (B, h·w, D) and the grid (h, w);
         D is target_embed_dim, or the projection's size when model.transform projects."""
-        maps = self.extractor(images.to(self.device, non_blocking=True))
-        c = self.config
-        emb, grid = embed(list(maps.values()), c.patch_size, c.pretrain_embed_dim, c.target_embed_dim,
-                          self.weighting)
+        emb, grid = self.embed_raw(images)
         if not self.transform.identity:
             b, n, d = emb.shape
             emb = self.transform(emb.reshape(b * n, d)).reshape(b, n, -1)
         return emb, grid
+
+    @property
+    def raw_backbone_id(self) -> str:
+        return raw_backbone_id(self.config)
+
+    @torch.inference_mode()
+    def embed_raw(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch embeddings before model.transform (what the feature cache keeps: one entry
+        serves every clip radius and projection)."""
+        maps = self.extractor(images.to(self.device, non_blocking=True))
+        c = self.config
+        return embed(list(maps.values()), c.patch_size, c.pretrain_embed_dim, c.target_embed_dim, self.weighting)
 
     def extract(self, loader: Iterable[Any], progress: bool = True, desc: str = "extract",
                 out: Any = None, cache: FeatureCache | None = None) -> torch.Tensor:
