@@ -2,8 +2,8 @@
 
 Features are extracted once (data.cache_dir, or a folder of the sweep's own that is removed at
 the end) and every variant is a whole federation replayed on them (experiments/replay.py: the
-real Sites and rounds over the in-process transport; a variant that projects the features
-extracts once more, into its own feature space). Each variant's federation.json (and, with
+real Sites and rounds over the in-process transport; a variant that projects or clips the
+features reads the same cached embeddings and transforms them). Each variant's federation.json (and, with
 --keep-banks, its global banks) stays under federations/NN/.
 
 - privacy: ε ∈ {0.5, 1, 2, 4, 8, ∞} (δ, clip_norm from the config). A centralized PatchCore with
