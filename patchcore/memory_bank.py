@@ -163,24 +163,8 @@ class MemoryBank:
     def load(cls, path: str | Path, nn_backend: str = "torch") -> "MemoryBank":
         """Read and verify a bank written by `save`."""
         tensor_path, meta_path = bank_paths(path)
-        for p in (tensor_path, meta_path):
-            if not p.is_file():
-                raise BankFormatError(f"memory bank file not found: {p}")
-        head = tensor_path.read_bytes()[:2]
-        if head[:1] == b"\x80" or head == b"PK":
-            raise BankFormatError(f"{tensor_path} is a pickle/torch.save file; fedpatch banks are safetensors only")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BankFormatError(f"{meta_path} is not valid JSON ({exc.__class__.__name__})") from None
-        if not isinstance(meta, dict) or meta.get("format") != "fedpatch-bank":
-            raise BankFormatError(f"{meta_path} is not a fedpatch bank description")
-        if meta.get("format_version") != BANK_FORMAT_VERSION:
-            raise BankFormatError(
-                f"{meta_path} has bank format version {meta.get('format_version')!r}; this fedpatch reads {BANK_FORMAT_VERSION}"
-            )
-        if _sha256(tensor_path) != meta.get("sha256"):
-            raise BankFormatError(f"{tensor_path} fails its sha256 check: the file was modified or truncated")
+        meta = read_described(tensor_path, meta_path, ("memory bank", "banks", "bank"), "fedpatch-bank",
+                              BANK_FORMAT_VERSION)
         try:
             tensors = load_file(str(tensor_path))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -189,3 +173,30 @@ class MemoryBank:
         if bank is None or list(bank.shape) != meta.get("shape"):
             raise BankFormatError(f"{tensor_path} does not hold the (M, D) 'bank' tensor its JSON describes")
         return cls(bank, meta.get("metadata", {}), nn_backend=nn_backend)
+
+
+def read_described(tensor_path: Path, meta_path: Path, names: tuple[str, str, str], fmt: str,
+                   version: int) -> dict[str, Any]:
+    """The JSON description of a safetensors file, after the checks every fedpatch file gets:
+    both files exist, no pickle, valid JSON of format `fmt` at `version`, sha256 matching.
+    `names`: how errors call the thing (file, plural, description), e.g. memory bank / banks / bank."""
+    thing, plural, desc = names
+    for p in (tensor_path, meta_path):
+        if not p.is_file():
+            raise BankFormatError(f"{thing} file not found: {p}")
+    with open(tensor_path, "rb") as handle:
+        head = handle.read(2)
+    if head[:1] == b"\x80" or head == b"PK":
+        raise BankFormatError(f"{tensor_path} is a pickle/torch.save file; fedpatch {plural} are safetensors only")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BankFormatError(f"{meta_path} is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise BankFormatError(f"{meta_path} is not a fedpatch {desc} description")
+    if meta.get("format_version") != version:
+        raise BankFormatError(f"{meta_path} has {desc} format version {meta.get('format_version')!r}; "
+                              f"this fedpatch reads {version}")
+    if _sha256(tensor_path) != meta.get("sha256"):
+        raise BankFormatError(f"{tensor_path} fails its sha256 check: the file was modified or truncated")
+    return meta

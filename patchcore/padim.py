@@ -31,7 +31,6 @@ PatchCore's (`patchcore.model.scores_from_patches`).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -44,7 +43,7 @@ from safetensors.torch import load as load_bytes, save as save_bytes
 from patchcore import strict_json
 from patchcore.config import ModelConfig, build, to_dict
 from patchcore.errors import BankFormatError, ConfigError, DataError
-from patchcore.memory_bank import atomic_write_bytes, bank_paths
+from patchcore.memory_bank import atomic_write_bytes, bank_paths, read_described
 from patchcore.model import scores_from_patches
 
 PADIM_FORMAT_VERSION = 1
@@ -283,21 +282,6 @@ def _check_grid(emb: torch.Tensor, grid: tuple[int, int] | None) -> tuple[int, i
 
 def _read_verified(tensor_path: Path, meta_path: Path) -> tuple[dict[str, Any], bytes]:
     """(JSON description, safetensors bytes) after the format, version and checksum checks."""
-    for p in (tensor_path, meta_path):
-        if not p.is_file():
-            raise BankFormatError(f"PaDiM model file not found: {p}")
-    blob = tensor_path.read_bytes()
-    if blob[:1] == b"\x80" or blob[:2] == b"PK":
-        raise BankFormatError(f"{tensor_path} is a pickle/torch.save file; fedpatch models are safetensors only")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BankFormatError(f"{meta_path} is not valid JSON ({exc.__class__.__name__})") from None
-    if not isinstance(meta, dict) or meta.get("format") != "fedpatch-padim":
-        raise BankFormatError(f"{meta_path} is not a fedpatch PaDiM model description")
-    if meta.get("format_version") != PADIM_FORMAT_VERSION:
-        raise BankFormatError(f"{meta_path} has PaDiM format version {meta.get('format_version')!r}; "
-                              f"this fedpatch reads {PADIM_FORMAT_VERSION}")
-    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
-        raise BankFormatError(f"{tensor_path} fails its sha256 check: the file was modified or truncated")
-    return meta, blob
+    meta = read_described(tensor_path, meta_path, ("PaDiM model", "models", "PaDiM model"), "fedpatch-padim",
+                          PADIM_FORMAT_VERSION)
+    return meta, tensor_path.read_bytes()
