@@ -47,6 +47,8 @@ def cell(v: Any) -> str:
             return "–"
         if math.isinf(v):
             return "∞"
+        if v != 0 and abs(v) < 1e-3:
+            return f"{v:.1e}"
         return f"{v:.3f}" if abs(v) < 10 else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}"
     return str(v)
 
