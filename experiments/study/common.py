@@ -16,7 +16,7 @@ def sizes(banks: dict[str, torch.Tensor]) -> dict[str, int]:
 
 def both(study: Study, replay: Replay, condition: str, seed: int, factories: list[int] | None = None,
          test: dict[str, TestSet] | None = None, config: Any = None, coverage: bool = True,
-         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+         names: tuple[str, str] = ("centralized", "federated")) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """Centralized and federated banks of `factories` (default all), both scored on the same
     test images and added to the study's results under `condition`; returns (central, federated,
     federation report)."""
@@ -26,10 +26,10 @@ def both(study: Study, replay: Replay, condition: str, seed: int, factories: lis
     extra = {"bank_size": sizes(central)}
     if coverage:
         extra["coverage_radius"] = replay.coverage(config, central)
-    study.results.add_all(condition, "centralized", seed, replay.scored(config, central, test), **extra)
+    study.results.add_all(condition, names[0], seed, replay.scored(config, central, test), **extra)
     federated, report = replay.federated(config, factories)
     extra = {"bank_size": sizes(federated), "bytes_sent": report["bytes_sent"]}
     if coverage:
         extra["coverage_radius"] = replay.coverage(config, federated)
-    study.results.add_all(condition, "federated", seed, replay.scored(config, federated, test), **extra)
+    study.results.add_all(condition, names[1], seed, replay.scored(config, federated, test), **extra)
     return central, federated, report

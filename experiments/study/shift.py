@@ -96,10 +96,7 @@ def _adapt(study: Study, seed: int, name: str, clean: Replay, shifted: Replay, c
     """No adaptation (the clean banks on shifted test images), then re-fit on shifted training images."""
     for method, banks in (("centralized", central), ("federated", federated)):
         study.results.add_all(name, f"{method}, no adaptation", seed, clean.scored(clean.config, banks, shifted.data.test))
-    both(study, shifted, name, seed, coverage=False)
-    for run in study.results.runs:  # both() names them "centralized"/"federated": say "re-fit"
-        if run.condition == name and run.method in ("centralized", "federated"):
-            run.method += ", re-fit"
+    both(study, shifted, name, seed, coverage=False, names=("centralized, re-fit", "federated, re-fit"))
 
 
 def comparisons(names: list[str]) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
