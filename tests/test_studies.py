@@ -75,10 +75,10 @@ def test_bootstrap_sees_a_real_gap_and_covers_a_null_one():
     good = labels + rng.normal(0, 0.5, (3, 100))  # 3 seeds of a strong model
     weak = labels * 0.3 + rng.normal(0, 0.5, (3, 100))
     gap = paired_bootstrap(labels, good, weak)
-    assert gap.real and gap.low > 0.1 and gap.seeds == 3 and gap.images == 100
+    assert gap.real and gap.agree and gap.low > 0.1 and gap.seeds == 3 and gap.images == 100
     assert gap.low <= gap.mean <= gap.high
     same = paired_bootstrap(labels, good, good)
-    assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0) and not same.real
+    assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0) and not same.real and not same.agree
     covered = 0  # two models of the same quality: the 95% interval covers 0 in most replicates
     for k in range(30):
         r = np.random.default_rng(100 + k)

@@ -132,7 +132,7 @@ class Results:
                 rows.append({"comparison": label, "category": category, "a": " / ".join(a), "b": " / ".join(b),
                              "a_mean": ma[0], "a_std": ma[1], "b_mean": mb[0], "b_std": mb[1],
                              "diff": d.mean, "diff_std": d.std, "ci_low": d.low, "ci_high": d.high,
-                             "real": d.real, "seeds": d.seeds, "images": d.images})
+                             "real": d.real, "seeds_agree": d.agree, "seeds": d.seeds, "images": d.images})
         return rows
 
 

@@ -75,10 +75,11 @@ def difference_table(rows: list[dict[str, Any]]) -> Table:
               "difference": f"{r['diff']:+.3f} ± {r['diff_std']:.3f}",
               "95% CI": f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"} for r in rows]
     return Table("differences", "Paired differences of image AUROC (a − b)", shown,
-                 ["comparison", "category", "a", "b", "difference", "95% CI", "real", "seeds", "images"],
+                 ["comparison", "category", "a", "b", "difference", "95% CI", "real", "seeds_agree", "seeds", "images"],
                  "a and b: mean ± std over seeds; difference: mean ± std of the per-seed differences; "
                  "95% CI: paired bootstrap over test images (2,000 stratified draws, the same images for "
-                 "both methods and every seed); real: the CI excludes 0.")
+                 "both methods and every seed); real: the CI excludes 0; seeds agree: every seed's difference has "
+                 "the same sign (the CI resamples images, not seeds).")
 
 
 def forest(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
@@ -170,6 +171,8 @@ def verdict(d: dict[str, Any], a: str | None = None, b: str | None = None) -> st
     """One difference row in words: 'a 0.812 vs b 0.803: +0.009 (95% CI ...; within noise)';
     a and b default to the row's own labels ("condition / method")."""
     a, b = a or d["a"], b or d["b"]
-    state = "a real gap" if d["real"] else "within noise"
+    state = "within noise"
+    if d["real"]:
+        state = "a real gap; " + ("every seed agrees" if d.get("seeds_agree") else "the seeds disagree in sign")
     return (f"{d['category']}: {a} {d['a_mean']:.3f} vs {b} {d['b_mean']:.3f}, difference {d['diff']:+.3f} "
-            f"(95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}: {state})")
+            f"± {d['diff_std']:.3f} over seeds (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}: {state})")

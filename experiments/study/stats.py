@@ -7,7 +7,9 @@ present) for both methods and every seed, and the statistic is the seed-mean of 
 AUROC differences. The percentile interval of 2,000 draws is the 95% CI; a gap is called real
 only when that interval excludes 0. The spread over seeds (std of the per-seed differences) is
 reported beside it: it measures what the seed moves (partition, coreset starts), the CI what the
-finite test set leaves uncertain.
+finite test set leaves uncertain. The interval does not resample seeds (three seeds are too few
+to resample), so a verdict also says whether every seed's difference has the same sign: a "real"
+gap the seeds disagree on is as large as what a seed moves, and deserves more seeds.
 
 AUROC is computed here from ranks (Mann-Whitney U with average ranks for ties), vectorised over
 all draws at once: scikit-learn's roc_auc_score would take ~1 ms per call and 12,000 calls per
@@ -45,6 +47,7 @@ class PairedDifference:
     high: float
     seeds: int
     images: int
+    agree: bool = False  # every seed's difference has the same sign (and none is 0)
 
     @property
     def real(self) -> bool:
@@ -78,7 +81,8 @@ def paired_bootstrap(labels: np.ndarray, a: np.ndarray, b: np.ndarray, draws: in
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(stats, [tail, 100 - tail])
     return PairedDifference(mean=float(per_seed.mean()), std=float(per_seed.std(ddof=1)) if per_seed.size > 1 else 0.0,
-                            low=float(low), high=float(high), seeds=int(a.shape[0]), images=int(labels.size))
+                            low=float(low), high=float(high), seeds=int(a.shape[0]), images=int(labels.size),
+                            agree=bool(np.all(per_seed > 0) or np.all(per_seed < 0)))
 
 
 def mean_std(values: list[float] | np.ndarray) -> tuple[float, float]:
