@@ -101,6 +101,15 @@ def test_restrict_keeps_only_the_named_families():
 
 def test_parity_study_known_zero_with_one_factory(tmp_path):
     out = study(tmp_path, "parity", *ONE_FACTORY)
+    import gzip
+
+    with gzip.open(out / "scores.csv.gz", "rt") as handle:
+        scores = list(csv.DictReader(handle))
+    runs = rows(out / "runs.csv")
+    assert len(scores) == sum(int(r["images"]) for r in runs)  # one row per image per run
+    fed = {r["path"]: float(r["score"]) for r in scores if r["method"] == "federated" and r["seed"] == "1"}
+    central = {r["path"]: float(r["score"]) for r in scores if r["method"] == "centralized" and r["seed"] == "1"}
+    assert fed == central and len(fed) > 0  # the same bank: the same score for every image
     diffs = differences(out)
     for category in ("disc", "stripes"):
         covers_zero(diffs[("federated − centralized", category)], exact=True)

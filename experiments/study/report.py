@@ -5,7 +5,8 @@ Every study writes the same files, so a reader learns the layout once:
   the summary table (mean ± std over seeds), the paired differences with their 95% CIs, the
   study's own tables, and the plots;
 - runs.csv (one row per condition, method, seed and category), summary.csv, differences.csv,
-  and any table the study adds; manifest.json (config, seeds, versions, commit, timings).
+  and any table the study adds; scores.csv.gz (every test image's score under every run, what
+  the bootstraps resample); manifest.json (config, seeds, versions, commit, timings).
 """
 
 from __future__ import annotations
@@ -136,11 +137,29 @@ def summary_bars(study: Study, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def write_scores(path: Path, study: Study) -> Path:
+    """Every test image's score under every run (condition, method, seed, category, path, label,
+    score): what the paired bootstraps resampled, so a finished study can be re-analysed."""
+    import csv
+    import gzip
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["condition", "method", "seed", "category", "path", "label", "score"])
+    for r in study.results.runs:
+        for p, label, score in zip(r.paths, r.labels, r.scores):
+            writer.writerow([r.condition, r.method, r.seed, r.category, p, int(label), repr(float(score))])
+    atomic_write_bytes(path, gzip.compress(text.getvalue().encode(), mtime=0))
+    return path
+
+
 def write_report(study: Study, title: str, what: str, findings: list[str], differences: list[dict[str, Any]],
                  tables: Sequence[Table] = (), figures: Sequence[Path | None] = ()) -> Path:
     """Write report.md and the CSVs of `study`; returns the report's path."""
     out = study.out
     write_table(out / "runs.csv", [r.row() for r in study.results.runs])
+    write_scores(out / "scores.csv.gz", study)
     write_table(out / "summary.csv", study.results.summary())
     if differences:
         write_table(out / "differences.csv", differences)
