@@ -62,6 +62,13 @@ class Extracted:
     images: dict[tuple[int, str], int] = field(default_factory=dict)
     test: dict[str, TestSet] = field(default_factory=dict)
 
+    def patches(self, category: str, factories: list[int] | None = None) -> torch.Tensor:
+        """(N·L, D) training patches of `category` over `factories` (default every honest factory),
+        in factory order; empty (0, D) when none."""
+        parts = [x for (k, c), x in sorted(self.train.items())
+                 if c == category and k >= 0 and (factories is None or k in factories)]
+        return torch.cat(parts) if parts else torch.empty(0, self.train_dim)
+
     @property
     def train_dim(self) -> int:
         """D of the raw embeddings: the upload-ratio denominator counts raw fp32 features."""
@@ -205,10 +212,10 @@ class Replay:
             key = (category, tuple(factories), feature_transform(config.model).tag(), repr(config.model.coreset),
                    config.seed)
             if key not in self._coresets:
-                parts = [x for (k, c), x in sorted(self.data.train.items()) if c == category and k in factories]
-                if not parts:
+                union = self.data.patches(category, factories)
+                if not len(union):
                     continue
-                union = self._transformed(torch.cat(parts), config)
+                union = self._transformed(union, config)
                 self._coresets[key] = subsample(union, config.model, config.seed)
             banks[category] = self._coresets[key]
         return banks
@@ -217,8 +224,7 @@ class Replay:
         """{category: coverage radius of its bank over every factory's (transformed) training patches}."""
         out = {}
         for category, bank in sorted(banks.items()):
-            parts = [x for (k, c), x in sorted(self.data.train.items()) if c == category and k >= 0]
-            out[category] = coverage_radius(bank, self._transformed(torch.cat(parts), config))
+            out[category] = coverage_radius(bank, self._transformed(self.data.patches(category), config))
         return out
 
     def scored(self, config: ExperimentConfig, banks: dict[str, torch.Tensor],

@@ -38,7 +38,7 @@ def at_hand(requested: list[str] | None) -> list[tuple[str, str]]:
 
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     found = [(n, "imagenet") for n in ALWAYS
-             if importlib.util.find_spec(f"{n.replace('efficientnet_', 'efficientnet_')}_pytorch_model")]
+             if importlib.util.find_spec(f"{n}_pytorch_model")]
     for name, prefix in TORCHVISION.items():
         if cache.is_dir() and any(p.name.startswith(prefix) for p in cache.iterdir()):
             found.append((name, "imagenet"))

@@ -13,6 +13,7 @@ norm alone; clipping erases exactly the part of that signal that lies beyond the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,24 +42,38 @@ def label(q: float) -> str:
     return "clip at max norm (control)" if q >= 1.0 else f"clip at q{q * 100:g}"
 
 
-def radius(replay, q: float) -> float:
-    norms = torch.cat([x.norm(dim=1) for (k, _), x in replay.data.train.items() if k >= 0])
-    # the largest norm, nudged up, clips nothing; otherwise the quantile (torch.quantile caps its input size)
-    if q >= 1.0:
-        return float(norms.max()) * (1 + 1e-6)
-    sample = norms[torch.randperm(len(norms), generator=torch.Generator().manual_seed(0))[:1_000_000]]
-    return float(torch.quantile(sample.double(), q))
+@dataclass
+class Norms:
+    """One seed's patch norms, computed once for every radius: training patches per category,
+    and each test image's longest patch with its label."""
+
+    train: dict[str, torch.Tensor]  # category -> (N·L,)
+    worst: dict[str, np.ndarray]  # category -> (N,) max patch norm of each test image
+    labels: dict[str, np.ndarray]  # category -> (N,)
+
+    @classmethod
+    def of(cls, replay) -> "Norms":
+        tests = replay.data.test
+        return cls(train={c: replay.data.patches(c).norm(dim=1) for c in tests},
+                   worst={c: t.emb.norm(dim=2).max(dim=1).values.numpy() for c, t in tests.items()},
+                   labels={c: np.array([rec.label for rec in t.records]) for c, t in tests.items()})
+
+    def radius(self, q: float) -> float:
+        """The q-quantile of the pooled training norms; q = 1: the largest norm, nudged up (clips nothing)."""
+        norms = torch.cat(list(self.train.values()))
+        if q >= 1.0:
+            return float(norms.max()) * (1 + 1e-6)
+        # torch.quantile caps its input size: a fixed random million when there are more
+        sample = norms[torch.randperm(len(norms), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+        return float(torch.quantile(sample.double(), q))
 
 
-def diagnostics(replay, r: float, q: float, seed: int) -> list[dict[str, Any]]:
+def diagnostics(norms: Norms, r: float, q: float, seed: int) -> list[dict[str, Any]]:
     rows = []
-    for category, test in replay.data.test.items():
-        norms = test.emb.norm(dim=2)  # (N, L)
-        worst = norms.max(dim=1).values.numpy()
-        labels = np.array([rec.label for rec in test.records])
-        train = torch.cat([x for (k, c), x in replay.data.train.items() if c == category and k >= 0]).norm(dim=1)
+    for category, worst in norms.worst.items():
+        labels = norms.labels[category]
         row = {"quantile": q, "category": category, "seed": seed, "radius": r,
-               "train_patches_clipped": float((train > r).float().mean())}
+               "train_patches_clipped": float((norms.train[category] > r).float().mean())}
         for value, kind in ((1, "defective"), (0, "good")):
             row[f"{kind}_worst_patch_clipped"] = float((worst[labels == value] > r).mean()) if (labels == value).any() else None
         row["auroc_of_max_norm"] = float(auroc(labels, worst)) if 0 < labels.sum() < len(labels) else None
@@ -71,15 +86,16 @@ def run(study: Study) -> None:
     grid = quantiles(study)
     for seed in study.seeds:
         replay = study.replay(seed)
+        norms = Norms.of(replay)
         base = variant(replay.config, **{"model.transform": TransformConfig()})
         both(study, replay, NONE, seed, config=base, coverage=False)
         run_padim(study, replay, NONE, seed)
         for q in grid:
-            r = radius(replay, q)
+            r = norms.radius(q)
             config = variant(base, **{"model.transform": TransformConfig(clip_norm=r)})
             both(study, replay, label(q), seed, config=config, coverage=False)
             run_padim(study, replay, label(q), seed, transform=lambda x, r=r: _clip(x, r))
-            diag += diagnostics(replay, r, q, seed)
+            diag += diagnostics(norms, r, q, seed)
         study.say(f"seed {seed}: done")
     pairs = [(f"{label(q)} − none, {m}", (label(q), m), (NONE, m))
              for q in grid for m in ("centralized", "federated", "PaDiM centralized")]

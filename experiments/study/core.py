@@ -222,9 +222,5 @@ def subset(test: dict[str, TestSet], keep: Callable[[Any], bool]) -> dict[str, T
 
 def train_images(data: Extracted, category: str, factories: Sequence[int] | None = None):
     """The (N, L, D) training embeddings of `category` over `factories` (default all), per image."""
-    import torch
-
     length = int(np.prod(data.test[category].grid))
-    parts = [x for (k, c), x in sorted(data.train.items())
-             if c == category and k >= 0 and (factories is None or k in factories)]
-    return torch.cat(parts).reshape(-1, length, parts[0].shape[1])
+    return data.patches(category, factories).reshape(-1, length, data.train_dim)

@@ -57,16 +57,17 @@ def decisions(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[
             "f1": float(2 * tp / max(1, 2 * tp + fp + fn))}
 
 
-def recalibration(study: Study, seed: int, name: str, clean: Replay, shifted: Replay,
-                  banks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Decisions on shifted test images at thresholds from clean vs shifted held-out normals."""
+def recalibration(study: Study, seed: int, name: str, shifted: Replay, banks: dict[str, dict[str, Any]],
+                  no_adaptation: dict[str, dict[str, Any]], clean_held: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Decisions on shifted test images (`no_adaptation`: the clean banks' ScoredSets there) at
+    thresholds from clean held-out normals (`clean_held`, scored once per seed) vs shifted ones."""
     rows = []
     q = study.config.threshold.quantile
     for method, per_category in banks.items():
         for category, bank in per_category.items():
-            source = {"clean held-out": held_out_scores(study, clean, bank, category),
+            source = {"clean held-out": clean_held[method][category],
                       "shifted held-out": held_out_scores(study, shifted, bank, category)}
-            test = clean.scored(clean.config, {category: bank}, shifted.data.test)[category]
+            test = no_adaptation[method][category]
             for label, calib in source.items():
                 if calib is None:
                     continue
@@ -79,24 +80,30 @@ def recalibration(study: Study, seed: int, name: str, clean: Replay, shifted: Re
 def run_seed(study: Study, seed: int, conditions) -> list[dict[str, Any]]:
     clean = study.replay(seed, **{"federation.domain_shift": False})
     central, federated, _ = both(study, clean, "clean", seed, coverage=False)
+    banks = {"centralized": central, "federated": federated}
+    clean_held = {m: {c: held_out_scores(study, clean, b, c) for c, b in per.items()} for m, per in banks.items()}
     calib_rows = []
     for family, severity, families in conditions:
         name = f"{family}, {severity}"
         shifted = shifted_replay(study, seed, SEVERITY[severity], families)
-        _adapt(study, seed, name, clean, shifted, central, federated)
-        calib_rows += recalibration(study, seed, name, clean, shifted, {"centralized": central, "federated": federated})
+        no_adaptation = _adapt(study, seed, name, clean, shifted, banks)
+        calib_rows += recalibration(study, seed, name, shifted, banks, no_adaptation, clean_held)
     half = max(1, study.config.federation.num_factories // 2)
     partial = shifted_replay(study, seed, SEVERITY["moderate"], ALL, half)
-    _adapt(study, seed, PARTIAL, clean, partial, central, federated)
+    _adapt(study, seed, PARTIAL, clean, partial, banks)
     study.say(f"seed {seed}: done")
     return calib_rows
 
 
-def _adapt(study: Study, seed: int, name: str, clean: Replay, shifted: Replay, central, federated) -> None:
-    """No adaptation (the clean banks on shifted test images), then re-fit on shifted training images."""
-    for method, banks in (("centralized", central), ("federated", federated)):
-        study.results.add_all(name, f"{method}, no adaptation", seed, clean.scored(clean.config, banks, shifted.data.test))
+def _adapt(study: Study, seed: int, name: str, clean: Replay, shifted: Replay,
+           banks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """No adaptation (the clean banks on shifted test images), then re-fit on shifted training
+    images; returns the no-adaptation ScoredSets {method: {category: ScoredSet}}."""
+    scored = {method: clean.scored(clean.config, per, shifted.data.test) for method, per in banks.items()}
+    for method, per in scored.items():
+        study.results.add_all(name, f"{method}, no adaptation", seed, per)
     both(study, shifted, name, seed, coverage=False, names=("centralized, re-fit", "federated, re-fit"))
+    return scored
 
 
 def comparisons(names: list[str]) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:

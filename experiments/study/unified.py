@@ -45,7 +45,7 @@ def unified_central(replay: Replay, seed: int) -> tuple[torch.Tensor, np.ndarray
     ratio of the union of every category's training patches."""
     config = replay.config
     names = sorted(replay.data.test)
-    parts = [torch.cat([x for (k, c), x in sorted(replay.data.train.items()) if c == n and k >= 0]) for n in names]
+    parts = [replay.data.patches(n) for n in names]
     union = torch.cat(parts)
     owner = np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)])
     c = config.model.coreset
