@@ -20,6 +20,8 @@ line printed here, the wall time), or no folder at all if it failed before any w
 from __future__ import annotations
 
 import argparse
+import functools
+import re
 import sys
 import time
 from pathlib import Path
@@ -54,7 +56,39 @@ def _config(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     return load_config(args.config, ExperimentConfig, overrides)
 
 
-def _outcome(exc: BaseException) -> tuple[str, str] | None:
+# What to change when a GPU runs out of memory, per command (every key named is a real config key;
+# tests/test_cli_oom.py checks them). Commands without a config take --device.
+OOM_HINTS = {
+    "predict": "run with --device cpu",
+    "serve": "run with --device cpu",
+    "evaluate": "lower data.batch_size (--set data.batch_size=N), or run with --set device=cpu",
+}
+OOM_HINT = ("lower data.batch_size, set model.precision: float16 (the backbone) or "
+            "model.coreset.precision: bfloat16 (the coreset matrix), or run with device: cpu")
+OOM_FEDERATED = ", or raise federation.client_gpus (fewer clients share a GPU)"
+FEDERATED_COMMANDS = ("compare", "federate")  # the commands that run clients as Ray actors
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, without importing torch: only a command that loaded it can
+    raise one (the CLI checks configs before torch loads)."""
+    torch = sys.modules.get("torch")
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None),
+                              getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None))
+                  if isinstance(k, type))
+    return bool(kinds) and isinstance(exc, kinds)
+
+
+def oom_line(exc: BaseException, command: str) -> str:
+    """One line: which command ran out of GPU memory, torch's own first words, what to change."""
+    text = (str(exc).strip().splitlines() or ["CUDA out of memory"])[0]
+    brief = re.match(r"CUDA out of memory\.\s*Tried to allocate [\d.]+ \w+", text)
+    detail = brief.group(0) if brief else (text if len(text) <= 160 else text[:157] + "...")
+    hint = OOM_HINTS.get(command, OOM_HINT + (OOM_FEDERATED if command in FEDERATED_COMMANDS else ""))
+    return f"error: CUDA out of memory during {command or 'the command'} ({detail}): {hint}"
+
+
+def _outcome(exc: BaseException, command: str = "") -> tuple[str, str] | None:
     """(manifest status, the one line printed) for an exception that ends a command; None: none."""
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", "interrupted"
@@ -62,6 +96,8 @@ def _outcome(exc: BaseException) -> tuple[str, str] | None:
         return None if exc.code in (0, None) else ("failed", f"exit code {exc.code}")
     if isinstance(exc, FedpatchError):
         return "failed", f"error: {exc}"
+    if is_cuda_oom(exc):
+        return "failed", oom_line(exc, command)
     text = str(exc).strip().splitlines()
     return "failed", (f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__)  # a bug: traceback follows
 
@@ -300,8 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from experiments.runs import failures_recorded
 
     args = build_parser().parse_args(argv)
+    describe = functools.partial(_outcome, command=args.command)
     try:
-        with failures_recorded(_outcome):  # a failed run's folder says so, or goes if empty
+        with failures_recorded(describe):  # a failed run's folder says so, or goes if empty
             return args.func(args)
     except FedpatchError as exc:
         print(_outcome(exc)[1], file=sys.stderr)
@@ -309,6 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a GPU out of memory is a setting to change, not a bug: one line
+        if not is_cuda_oom(exc):
+            raise
+        print(oom_line(exc, args.command), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
