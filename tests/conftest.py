@@ -1,4 +1,5 @@
-"""Shared test setup: no telemetry, a private FLWR_HOME, the real-data folder when present."""
+"""Shared test setup: no telemetry, a private FLWR_HOME, the real-data folder when present, and
+`@pytest.mark.cuda` tests skipped where there is no CUDA device."""
 
 import os
 import tempfile
@@ -19,3 +20,18 @@ def shared_mvtec() -> Path:
     if not (SHARED_MVTEC / "tire").is_dir() or not (SHARED_MVTEC / "hazelnut").is_dir():
         pytest.skip(f"real images not found at {SHARED_MVTEC}")
     return SHARED_MVTEC
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.cuda` tests are skipped, with one plain reason, where torch sees no CUDA
+    device. torch is imported only when such a test was collected."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in marked:
+        item.add_marker(skip)

@@ -151,7 +151,7 @@ def test_privatize_noise_has_calibrated_std():
     assert stats["noise_norm_mean"] == pytest.approx(spec.sigma * math.sqrt(64), rel=0.03)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_privatize_same_noise_on_cuda():
     x = _features()
     spec = PrivacySpec.create(epsilon=2.0, delta=1e-5, clip_norm=1.0)
