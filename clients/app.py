@@ -18,6 +18,7 @@ backbone loads once per round that needs it (train, evaluate; identify loads non
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,18 +60,36 @@ def _site_key(config: ExperimentConfig, node: Mapping[str, Any]) -> str:
     return str(factory_id)
 
 
+def actor_device(device: str) -> str:
+    """The device a client computes on, decided in its own process. Inside a Ray actor (the
+    simulation, `flwr run`'s local one, a Ray cluster) `auto` means CUDA only when Ray gave the
+    actor a GPU share (federation.client_gpus > 0; Ray then sets CUDA_VISIBLE_DEVICES to it), and
+    the CPU otherwise: a zero-GPU actor may still see every GPU (Ray leaves CUDA_VISIBLE_DEVICES
+    alone there with RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0, which experiments/simulation.py sets
+    and future Ray makes the default), and would land on GPU 0 outside Ray's accounting. Outside
+    Ray, and for any explicit device, the setting is returned as it is."""
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; nothing else needs to
+    if device != "auto" or ray is None or not ray.is_initialized():
+        return device
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:  # a driver, not a client actor
+        return device
+    return device if context.get_accelerator_ids().get("GPU") else "cpu"
+
+
 def _build_site(config: ExperimentConfig, node: Mapping[str, Any]) -> Site:
     if "data-path" in node:
         path = str(node["data-path"])
         name = str(node.get("factory") or path.rstrip("/").rsplit("/", 1)[-1])
         categories = tuple(c.strip() for c in str(node.get("categories", "")).split(",") if c.strip())
         return Site.from_folder(config, path, name, str(node.get("data-format", "")), categories,
-                                device=str(node.get("device", "")) or None, model=_CACHE["model"])
+                                device=str(node.get("device", "")) or actor_device(config.device),
+                                model=_CACHE["model"])
     if _CACHE["plan"] is None:
         _CACHE["plan"] = plan_factories(config)
     plan = _CACHE["plan"]
     return Site(config, plan.shard(int(node["partition-id"])), plan.shifts, model=_CACHE["model"],
-                root=plan.root)
+                root=plan.root, device=actor_device(config.device))
 
 
 def site_for(config: ExperimentConfig, node: Mapping[str, Any]) -> Site:

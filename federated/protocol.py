@@ -151,6 +151,7 @@ class TrainReply:
     timings: dict[str, float] = field(default_factory=dict)
     release: dict[str, float] = field(default_factory=dict)  # privacy bookkeeping per category
     problems: dict[str, str] = field(default_factory=dict)
+    device: str = ""  # where the site computed (e.g. "cuda:0", "cpu"); "" from older sites
 
     @property
     def empty(self) -> bool:
@@ -158,10 +159,12 @@ class TrainReply:
 
     def to_records(self) -> Records:
         arrays, scalars = pack_payloads(self.payloads)
-        return {FEATURES: arrays, PAYLOAD: scalars,
-                SITE: {"factory": self.factory, "factory-id": int(self.factory_id),
-                       "categories": sorted(self.payloads), "train-images": int(self.train_images),
-                       "status": "ok" if self.payloads else "empty"},
+        site = {"factory": self.factory, "factory-id": int(self.factory_id),
+                "categories": sorted(self.payloads), "train-images": int(self.train_images),
+                "status": "ok" if self.payloads else "empty"}
+        if self.device:
+            site["device"] = self.device
+        return {FEATURES: arrays, PAYLOAD: scalars, SITE: site,
                 TIMINGS: {k: float(v) for k, v in self.timings.items()},
                 RELEASE: {k: float(v) for k, v in self.release.items()}}
 
@@ -173,7 +176,7 @@ class TrainReply:
                    payloads=payloads, train_images=int(site.get("train-images", 0)),
                    timings={k: float(v) for k, v in records.get(TIMINGS, {}).items()},
                    release={k: float(v) for k, v in records.get(RELEASE, {}).items()},
-                   problems=problems)
+                   problems=problems, device=str(site.get("device", "")))
 
 
 @dataclass

@@ -189,7 +189,7 @@ def decode_train(replies: Mapping[int, Records], expected: Mapping[int, str],
         stats = upload_stats(reply.payloads, reply.timings)
         report["factories"][reply.factory] = {"node_id": node, "factory_id": reply.factory_id,
                                               "train_images": reply.train_images, **stats,
-                                              "release": reply.release}
+                                              "release": reply.release, "device": reply.device}
         if reply.empty:
             report["missing"].append({"factory": reply.factory, "node_id": node, "phase": "train",
                                       "reason": "joined with an empty shard (no training images): "

@@ -157,6 +157,13 @@ class Site:
             self.load_s = time.perf_counter() - start
         return self._model
 
+    @property
+    def device_used(self) -> str:
+        """Where this site's model computes ("cuda:0", "cpu"), "" while no model is built (an
+        empty shard builds none just to say so). federation.json records it per factory: the way
+        to see that `device: auto` found the GPU share Ray gave a client actor."""
+        return str(self._model.device) if self._model is not None else ""
+
     def _records(self, split: str, category: str) -> list[ImageRecord]:
         return [r for r in getattr(self.shard, split) if r.category == category]
 
@@ -256,7 +263,7 @@ class Site:
             release = {f"{c}.{k}": float(v) for c, st in self.release_stats.items() for k, v in st.items()}
             timings = {"backbone_load_s": self.load_s if cold else 0.0, **seconds, "total_s": time.perf_counter() - start}
             return TrainReply(self.name, self.factory_id, payloads, len(self.shard.train),
-                              timings, release).to_records()
+                              timings, release, device=self.device_used).to_records()
         if kind == EVALUATE:
             ask = EvaluateRequest.from_records(records)
             self._assigned(ask.factory, ask.factory_id)

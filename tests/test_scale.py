@@ -28,7 +28,7 @@ def test_site_cache_per_worker_is_bounded(monkeypatch):
     built = []
 
     class FakeSite:
-        def __init__(self, cfg, shard, shifts, model=None, root=None):
+        def __init__(self, cfg, shard, shifts, model=None, root=None, device=None):
             built.append(shard)
             self._model = model or object()
 
