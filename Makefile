@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedpatch-installed
 export FLWR_TELEMETRY_ENABLED ?= 0
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,13 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_patchcore.py
+
+# One-shot device check (experiments/gpu_check.py): report.md + results.json + logs in OUT, < 8 min
+# on one GPU. No install step: a GPU box may have its own environment and no package registry;
+# it uses $(PY) when that exists, else python3.
+OUT ?= results/gpu-check
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) -m experiments.gpu_check --out $(OUT)
 
 clean:
 	rm -rf results .cache .pytest_cache
