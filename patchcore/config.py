@@ -45,6 +45,9 @@ class CoresetConfig:
     # float32: exact arithmetic, the reference picks. bfloat16: the projected matrix stored in
     # bf16 (half the memory traffic per step), fp32 norms and minima; see patchcore/coreset.py.
     precision: str = "float32"
+    # auto: skip, by a principal-subspace lower bound, the points a new centre cannot improve (CPU,
+    # float32; same picks as the plain loop); on | off. See patchcore/coreset.py.
+    pruning: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ class Config:
             (self.model.coreset.method in ("approximate", "exact"), "model.coreset.method", "must be approximate or exact"),
             (self.model.score_distance in ("squared_l2", "l2"), "model.score_distance", "must be squared_l2 or l2"),
             (self.model.coreset.precision in ("float32", "bfloat16"), "model.coreset.precision", "must be float32 or bfloat16"),
+            (self.model.coreset.pruning in ("auto", "on", "off"), "model.coreset.pruning", "must be auto, on or off"),
             (self.model.nn_backend in ("torch", "faiss", "faiss_ivfpq"), "model.nn_backend", "must be torch, faiss or faiss_ivfpq"),
             (min(self.model.ivfpq.nlist, self.model.ivfpq.m, self.model.ivfpq.nprobe) >= 1
              and 1 <= self.model.ivfpq.nbits <= 16 and self.model.ivfpq.refine >= 0,

@@ -26,6 +26,19 @@ as torch.argmax, 5x faster on CPU at 100k points), one matrix-vector product, on
 loop never synchronises with the host: the argmax is written straight into the on-device index
 vector, and the new pick is gathered with index_select (an index tensor, never an int).
 
+Pruning (ours, default on CPU; the picks are those of the plain loop, same ties): after the
+first few hundred picks almost every point is far from the new centre, and its running minimum
+cannot move. A fixed orthonormal basis U of the top `PRUNE_DIMS` principal directions gives, for
+every point, a lower bound of its squared distance to the new centre s,
+    ||x - s||² >= ||Uᵀ(x - s)||² + (r_x - r_s)²,   r_x = ||(I - UUᵀ)(x - μ)|| (residual norm),
+which costs a (N, 16) matrix-vector product instead of the (N, P) one. Only the points whose
+bound is below their running minimum (minus a rounding margin) are gathered and get the plain
+loop's exact update, with the same arithmetic (`_RowDots`: row-independent, bitwise equal;
+tested); the others provably keep their minimum. On 100k real tire embeddings (152-d), about
+1% of the points are gathered per step. The bound needs the host to know which points survive
+(one sync per step), so on CUDA the plain, sync-free loop stays (`pruning="auto"`); bf16 storage
+also keeps the plain loop (its bf16-rounded products would need a far wider margin).
+
 Deliberate non-default option: `projection_dim` 256 instead of the paper's 128 keeps the coverage
 radius of anomalib's 284-d sparse projection at 100k points (see experiments/studies).
 """
@@ -40,6 +53,9 @@ from patchcore.progress import track
 
 METHODS = ("approximate", "exact")
 PRECISIONS = ("float32", "bfloat16")
+PRUNING = ("auto", "on", "off")
+PRUNE_DIMS = 16  # principal directions of the lower bound (p=16: ~1.3% of points gathered per step on tire)
+PRUNE_SAMPLE = 16384  # rows the covariance of the basis is estimated from (any orthonormal basis is valid)
 
 
 def coreset_size(n: int, ratio: float) -> int:
@@ -98,11 +114,39 @@ def _storage(x: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tenso
     return xs.float(), xs
 
 
+class _RowDots:
+    """x_i·s for rows x_i of a float32 (k, P) matrix, each row's value independent of which other
+    rows are computed with it: an elementwise product and a row sum, block by block. BLAS gemv
+    (addmv) is not row-independent (its rounding depends on a row's position in the matrix;
+    measured), and the pruned loop's picks equal the plain loop's only because both compute a
+    point's distance with this same arithmetic. On the CPU, blocks of `BLOCK` rows keep the
+    product in cache: 3.4x faster than one addmv over 100k x 152 here (1.7 vs 5.8 ms)."""
+
+    BLOCK = 8192
+
+    def __init__(self, dim: int, device: torch.device):
+        self.cuda = device.type == "cuda"  # one block: the product fits, and launches are few
+        self.buffer = None if self.cuda else torch.empty((self.BLOCK, dim), dtype=torch.float32)
+
+    def __call__(self, rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if self.cuda:
+            return torch.mul(rows, s).sum(dim=1)
+        out = torch.empty(len(rows), dtype=torch.float32)
+        for start in range(0, len(rows), self.BLOCK):
+            block = rows[start : start + self.BLOCK]
+            product = torch.mul(block, s, out=self.buffer[: len(block)])
+            torch.sum(product, dim=1, out=out[start : start + len(block)])
+        return out
+
+
 def _partial_distances(xs: torch.Tensor, sq: torch.Tensor):
     """For the (N, P) storage `xs` and float32 norms `sq` (N,): a function idx (1,) -> the float32
-    (N,) vector ||x_i||² - 2 x_i·x_idx, in one fused product where the dtype allows it."""
+    (N,) vector ||x_i||² - 2 x_i·x_idx."""
     if xs.dtype == torch.float32:
-        return lambda idx: torch.addmv(sq, xs, xs.index_select(0, idx).squeeze(0), alpha=-2.0)
+        if xs.is_cuda:  # one fused product: memory-bound, no host sync
+            return lambda idx: torch.addmv(sq, xs, xs.index_select(0, idx).squeeze(0), alpha=-2.0)
+        dots = _RowDots(xs.shape[1], xs.device)  # the pruned loop's arithmetic (and faster here)
+        return lambda idx: torch.add(sq, dots(xs, xs.index_select(0, idx).squeeze(0)), alpha=-2.0)
     if xs.is_cuda:
         try:  # bf16 inputs, fp32 accumulation and output (torch >= 2.8 on CUDA)
             torch.mm(xs[:1], xs[:1].T, out_dtype=torch.float32)
@@ -147,13 +191,22 @@ def greedy_coreset(
     num_starts: int = 10,
     seed: int = 0,
     precision: str = "float32",
+    pruning: str = "auto",
     progress: bool = False,
+    stats: dict | None = None,
 ) -> torch.Tensor:
-    """Indices (size,) of the greedy k-center picks among the rows of `features` (N, D)."""
+    """Indices (size,) of the greedy k-center picks among the rows of `features` (N, D).
+
+    `pruning`: "auto" (the bound-pruned loop on CPU in float32, the plain loop otherwise), "on",
+    "off"; the picks do not depend on it (module docstring). `stats`: a dict that receives which
+    loop ran ("loop") and, for the pruned one, the points updated over all steps ("updated") and
+    the steps that updated every point ("full_steps")."""
     if method not in METHODS:
         raise ConfigError(f"unknown coreset method {method!r}; choose one of {', '.join(METHODS)}")
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown coreset precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if pruning not in PRUNING:
+        raise ConfigError(f"unknown coreset pruning {pruning!r}; choose one of {', '.join(PRUNING)}")
     if features.ndim != 2 or len(features) == 0:
         raise ValueError(f"features must be a non-empty (N, D) tensor, got {tuple(features.shape)}")
     n = len(features)
@@ -169,14 +222,83 @@ def greedy_coreset(
         sq = squared_norms(x)  # (N,)
         argmax = _Argmax(_initial_min_distances(x, method, num_starts, seed))
         min_d = argmax.values  # (N,), the squared distance of each point to the selected set
+        steps = track(range(size), f"coreset {n}->{size}", progress, leave=False)
+        pruned = _use_pruning(pruning, x, precision)
+        if stats is not None:
+            stats["loop"] = "pruned" if pruned else "plain"
+        if pruned:
+            stats_ = _pruned_loop(x, sq, argmax, picks, steps)
+            if stats is not None:
+                stats.update(stats_)
+            return picks
         del x
         partial = _partial_distances(xs, sq)
-        for step in track(range(size), f"coreset {n}->{size}", progress, leave=False):
+        for step in steps:
             idx = argmax(out=picks[step : step + 1])  # (1,), on device
             d = partial(idx)  # ||x_i||² - 2 x_i·s, (N,) float32
             d += sq.index_select(0, idx)  # + ||s||²
             torch.minimum(min_d, d, out=min_d)
     return picks
+
+
+def _use_pruning(pruning: str, x: torch.Tensor, precision: str) -> bool:
+    """Whether the pruned loop runs (module docstring): "auto" = CPU, float32 storage, and more
+    dimensions than the bound's basis; "on" anywhere float32 (e.g. to test it on CUDA)."""
+    if pruning == "off" or precision != "float32" or x.shape[1] <= PRUNE_DIMS:
+        return False
+    return pruning == "on" or x.device.type == "cpu"
+
+
+def _bound_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, P) -> mean μ (P,) and an orthonormal (P, PRUNE_DIMS) basis of the top principal
+    directions, from the covariance of at most PRUNE_SAMPLE evenly spaced rows (float64 eigh)."""
+    step = max(1, len(x) // PRUNE_SAMPLE)
+    sample = x[::step].double()
+    mu = sample.mean(dim=0)
+    centred = sample - mu
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    return mu.float(), vectors[:, -PRUNE_DIMS:].float().contiguous()
+
+
+def _pruned_loop(x: torch.Tensor, sq: torch.Tensor, argmax: _Argmax, picks: torch.Tensor, steps) -> dict:
+    """The plain loop's picks, skipping the points the new centre provably cannot improve.
+
+    x (N, P) float32 points, sq (N,) their squared norms, argmax holding the (N,) running minima.
+    Rounding: the skip test subtracts κ·(||x||² + ||s||²) from the bound, κ = 4·P·ε32, above the
+    worst-case float32 error of either expansion (the bound's and the update's), so a skipped
+    point's update would not have lowered its minimum either."""
+    min_d = argmax.values
+    mu, basis = _bound_basis(x)
+    centred = x - mu
+    y = (centred @ basis).contiguous()  # (N, p) coordinates in the basis
+    y_sq = squared_norms(y)
+    residual = (squared_norms(centred) - y_sq).clamp_(min=0.0).sqrt_()  # (N,)
+    del centred
+    kappa = 4.0 * x.shape[1] * torch.finfo(torch.float32).eps
+    base = y_sq - kappa * sq  # ||y_i||² less point i's share of the margin; indexed at s: s's share
+    dots = _RowDots(x.shape[1], x.device)  # the plain loop's arithmetic, row for row
+    dense = len(x) // 4  # above this many survivors one full update is cheaper than gathering them
+    updated = full_steps = 0
+    for step in steps:
+        idx = argmax(out=picks[step : step + 1])  # (1,)
+        centre = x.index_select(0, idx).squeeze(0)  # (P,)
+        bound = torch.addmv(base, y, y.index_select(0, idx).squeeze(0), alpha=-2.0)  # (N,)
+        bound += base.index_select(0, idx)
+        gap = residual - residual.index_select(0, idx)
+        bound.addcmul_(gap, gap)
+        near = torch.nonzero(bound < min_d).squeeze(1)  # (k,), ~1% of N after the first picks
+        if len(near) > dense:  # the first picks: the plain loop's own update
+            d = torch.add(sq, dots(x, centre), alpha=-2.0)
+            d += sq.index_select(0, idx)
+            torch.minimum(min_d, d, out=min_d)
+            updated += len(x)
+            full_steps += 1
+            continue
+        updated += len(near)
+        d = torch.add(sq.index_select(0, near), dots(x.index_select(0, near), centre), alpha=-2.0)
+        d += sq.index_select(0, idx)
+        min_d.index_copy_(0, near, torch.minimum(min_d.index_select(0, near), d))
+    return {"updated": updated, "full_steps": full_steps}
 
 
 def coverage_radius(bank: torch.Tensor, features: torch.Tensor) -> float:

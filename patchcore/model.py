@@ -88,7 +88,8 @@ def subsample(features: torch.Tensor, config: ModelConfig, seed: int, ratio: flo
     c = config.coreset
     size = coreset_size(len(features), c.ratio if ratio is None else ratio)
     idx = greedy_coreset(features, size, method=c.method, projection_dim=c.projection_dim,
-                         num_starts=c.num_starts, seed=seed, precision=c.precision, progress=progress)
+                         num_starts=c.num_starts, seed=seed, precision=c.precision, pruning=c.pruning,
+                         progress=progress)
     return features[idx].float()
 
 

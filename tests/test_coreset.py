@@ -171,3 +171,79 @@ def test_projection_in_row_blocks_equals_one_product_and_accepts_half_precision(
     half = project(x.half(), 128, 3, chunk_bytes=4 * 300 * 100)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, x.half().float() @ random_projection(300, 128, 3).T, rtol=1e-5, atol=1e-5)
+
+
+def _clustered(seed: int, n: int = 3000, dim: int = 48, clusters: int = 12) -> torch.Tensor:
+    """Gaussian blobs of different spreads, with a block of exact duplicates (argmax ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, dim, generator=gen) * 6
+    which = torch.randint(0, clusters, (n,), generator=gen)
+    spread = torch.rand(clusters, generator=gen)[which].unsqueeze(1) + 0.2
+    x = centres[which] + spread * torch.randn(n, dim, generator=gen)
+    x[100:160] = x[7]  # 61 identical points
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("method,projection_dim", [("approximate", None), ("approximate", 32), ("exact", None)])
+def test_pruned_loop_picks_exactly_the_plain_loops_points(seed, method, projection_dim):
+    x = _clustered(seed)
+    stats: dict = {}
+    kwargs = dict(method=method, projection_dim=projection_dim, seed=seed)
+    pruned = greedy_coreset(x, 600, pruning="on", stats=stats, **kwargs)
+    plain = greedy_coreset(x, 600, pruning="off", **kwargs)
+    assert stats["loop"] == "pruned"
+    assert torch.equal(pruned, plain)
+    # and it really prunes: after the first picks most points are never touched
+    assert stats["updated"] < 0.35 * 600 * len(x), stats
+
+
+def test_pruned_loop_breaks_ties_like_the_plain_loop():
+    # a lattice: many points at exactly the same distance from the picks (ties at every step)
+    g = torch.arange(12, dtype=torch.float32)
+    x = torch.cartesian_prod(g, g, g, g, g)[:5000]  # (5000, 5) integer points, exact arithmetic
+    x = torch.cat([x, torch.zeros(len(x), 15)], dim=1)  # 20 dims: more than the bound's basis
+    pruned = greedy_coreset(x, 400, projection_dim=None, pruning="on")
+    assert torch.equal(pruned, greedy_coreset(x, 400, projection_dim=None, pruning="off"))
+
+
+def test_pruning_auto_is_the_plain_loop_where_it_cannot_help():
+    x = _clustered(0, n=500)
+    for kwargs in ({"precision": "bfloat16"}, {"projection_dim": 16}):  # bf16 storage; P <= basis
+        stats: dict = {}
+        greedy_coreset(x, 50, stats=stats, **kwargs)
+        assert stats["loop"] == "plain"
+    stats = {}
+    greedy_coreset(x, 50, stats=stats)
+    assert stats["loop"] == "pruned"  # CPU, float32, 128 > 16 dims
+    with pytest.raises(ConfigError, match="unknown coreset pruning 'fast'"):
+        greedy_coreset(x, 5, pruning="fast")
+
+
+def test_config_pruning_is_validated():
+    from patchcore.config import Config, CoresetConfig, DataConfig, ModelConfig
+
+    Config(data=DataConfig(format="synthetic"), model=ModelConfig(coreset=CoresetConfig(pruning="off"))).validate()
+    bad = Config(data=DataConfig(format="synthetic"), model=ModelConfig(coreset=CoresetConfig(pruning="sometimes")))
+    with pytest.raises(ConfigError, match="model.coreset.pruning"):
+        bad.validate()
+
+
+@pytest.mark.slow
+def test_pruned_loop_equals_plain_loop_on_real_tire_embeddings(shared_mvtec):
+    from patchcore.config import BackboneConfig, DataConfig, ModelConfig
+    from patchcore.data import ImageDataset, make_loader
+    from patchcore.data.sources import load_records, model_preprocess
+    from patchcore.model import PatchCore
+
+    data = DataConfig(format="mvtec", root=str(shared_mvtec), batch_size=8)
+    records = [r for r in load_records(data, shared_mvtec, "tire") if r.split == "train"][:24]
+    backbone = BackboneConfig("efficientnet_lite0", ("layer2", "layer3"), "imagenet")
+    model = PatchCore(ModelConfig(backbone=backbone, layer_weighting="paper"), "cpu")  # 1024-d, as WRN
+    feats = model.extract(make_loader(ImageDataset(records, model_preprocess(data)), 8), progress=False)
+    assert feats.shape == (24 * 28 * 28, 1024)
+    for dim in (128, None):  # the paper's projection, and the unprojected 1024-d loop
+        stats: dict = {}
+        pruned = greedy_coreset(feats, 1800, projection_dim=dim, pruning="on", stats=stats)
+        assert torch.equal(pruned, greedy_coreset(feats, 1800, projection_dim=dim, pruning="off"))
+        assert stats["updated"] < 0.5 * 1800 * len(feats), stats

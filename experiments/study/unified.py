@@ -50,7 +50,7 @@ def unified_central(replay: Replay, seed: int) -> tuple[torch.Tensor, np.ndarray
     owner = np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)])
     c = config.model.coreset
     idx = greedy_coreset(union, coreset_size(len(union), c.ratio), method=c.method, projection_dim=c.projection_dim,
-                         num_starts=c.num_starts, seed=seed, precision=c.precision)
+                         num_starts=c.num_starts, seed=seed, precision=c.precision, pruning=c.pruning)
     idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)
     return union[idx].float(), owner[idx], names
 
