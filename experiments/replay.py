@@ -236,7 +236,8 @@ class Replay:
             t = (test or self.data.test)[category]
             n, length, dim = t.emb.shape
             queries = self._transformed(t.emb.reshape(n * length, dim), config).reshape(n, length, -1)
-            bank = MemoryBank(bank.float(), nn_backend=config.model.nn_backend, ivfpq=config.model.ivfpq)
+            bank = MemoryBank(bank.float(), nn_backend=config.model.nn_backend, ivfpq=config.model.ivfpq,
+                              nn_precision=config.model.nn_precision)
             patch = patch_scores(bank, queries, t.grid, config.model)
             scores, maps = scores_from_patches(patch, t.size, config.model)
             out[category] = ScoredSet(t.records, scores.numpy(), maps.numpy(), t.masks, t.has_mask)

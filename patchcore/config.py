@@ -88,6 +88,10 @@ class ModelConfig:
     # each layer scaled by 1/sqrt(its channels)), "auto" (the backbone's measured default).
     layer_weighting: str = "auto"
     nn_backend: str = "torch"  # "torch" | "faiss" | "faiss_ivfpq"
+    # torch backend, 1-NN: "bfloat16" = bf16 products + exact float32 re-ranking of every row the
+    # products' error bound cannot exclude (the exact nearest neighbour, certified; ~2x faster
+    # here); "float32" = float32 products; "auto" = bfloat16 where the hardware has fast bf16.
+    nn_precision: str = "auto"
     ivfpq: IvfPqConfig = field(default_factory=IvfPqConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
     # Backbone forward under autocast: bfloat16 on CPU, float16 on CUDA (float32: exact, default).
@@ -155,6 +159,7 @@ class Config:
             (self.model.coreset.precision in ("float32", "bfloat16"), "model.coreset.precision", "must be float32 or bfloat16"),
             (self.model.coreset.pruning in ("auto", "on", "off"), "model.coreset.pruning", "must be auto, on or off"),
             (self.model.nn_backend in ("torch", "faiss", "faiss_ivfpq"), "model.nn_backend", "must be torch, faiss or faiss_ivfpq"),
+            (self.model.nn_precision in ("auto", "float32", "bfloat16"), "model.nn_precision", "must be auto, float32 or bfloat16"),
             (min(self.model.ivfpq.nlist, self.model.ivfpq.m, self.model.ivfpq.nprobe) >= 1
              and 1 <= self.model.ivfpq.nbits <= 16 and self.model.ivfpq.refine >= 0,
              "model.ivfpq", "needs nlist, m, nprobe >= 1, nbits in [1, 16], refine >= 0"),

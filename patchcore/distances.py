@@ -69,3 +69,101 @@ def nearest_neighbours(
     d = torch.cat(dists) if dists else queries.new_zeros((0, k))
     i = torch.cat(idxs) if idxs else torch.zeros((0, k), dtype=torch.long, device=bank.device)
     return (d if squared else d.sqrt()), i
+
+
+# --- bf16 products, certified by exact re-ranking --------------------------------------------
+
+BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+PAIR_BLOCK = 1 << 16  # candidate pairs re-ranked at a time
+BF16_CPU_BUDGET = 16 << 20  # per chunk on CPU: the (c, M) products stay in cache for the passes
+# over them (min, compare, nonzero): 2.1x the float32 search at 16 MiB vs 1.4x at 256 MiB, measured
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products are a hardware fast path on `device`: CUDA with bf16 support
+    (compute capability >= 8), or a CPU whose flags list avx512_bf16 / amx_bf16 (Linux)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported()) and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+class Bf16Search:
+    """Exact 1-NN by bf16 matrix products with exact float32 re-ranking.
+
+    The bank is centred (distances do not change; norms, and with them the rounding, shrink) and
+    stored once as an augmented bf16 matrix [-2·b, hi(||b||²), lo(||b||²)], so one product with
+    [q, 1, 1] gives t_ij ≈ ||b_j||² - 2 q_i·b_j, i.e. the squared distance less ||q_i||². Its
+    error is bounded per query (bf16 rounding of both inputs and of the output, float32
+    accumulation over D terms):
+        |t_ij - exact| <= E_i = (6.2u + 3γ)·||q_i||·max||b|| + (1.1u + 2γ)·max||b||² + slack,
+    u = 2^-8, γ = (D + 2)·2^-24. For each query, j0 = argmin_j t_ij gives an exact distance d0
+    (direct form, float32); every bank row that could be nearer satisfies t_ij <= d0 - ||q||² + E_i,
+    so those few candidates are re-ranked exactly and the nearest (lowest index on ties) is
+    returned with its exact float32 squared distance ||q - b||². No candidate is ever missed: the
+    result is the exact search's, up to float32 rounding of the distances (tested against float64
+    brute force). On the 2-core CPU here bf16 products run 3.8x faster than float32 (avx512_bf16)."""
+
+    def __init__(self, bank: torch.Tensor):
+        bank = bank.float().contiguous()
+        self.bank = bank
+        self.mean = bank.mean(dim=0)
+        centred = bank - self.mean
+        sq = squared_norms(centred)
+        hi = sq.to(torch.bfloat16)
+        lo = (sq - hi.float()).to(torch.bfloat16)
+        self.augmented = torch.cat([(-2.0 * centred).to(torch.bfloat16), hi[:, None], lo[:, None]], dim=1).contiguous()
+        self.max_norm = float(sq.max().sqrt())
+        self.max_sq = float(sq.max())
+        gamma = (bank.shape[1] + 2) * 2.0**-24 * 1.01
+        self.coef_q = 6.2 * BF16_UNIT + 3 * gamma
+        self.const = (1.1 * BF16_UNIT + 2 * gamma) * self.max_sq
+
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    def search(self, queries: torch.Tensor, max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (Q, D) -> exact squared distances (Q, 1) and indices (Q, 1) of the nearest rows."""
+        queries = queries.to(device=self.bank.device, dtype=torch.float32)
+        if max_bytes is None:
+            max_bytes = BF16_CPU_BUDGET if self.bank.device.type == "cpu" else memory_budget(self.bank.device)
+        chunk = max(1, int(max_bytes) // (4 * len(self.bank)))  # bf16 products + bool mask + scratch
+        dists, idxs = [], []
+        for start in range(0, len(queries), chunk):
+            d, i = self._chunk(queries[start : start + chunk])
+            dists.append(d)
+            idxs.append(i)
+        if not dists:
+            return queries.new_zeros((0, 1)), torch.zeros((0, 1), dtype=torch.long, device=self.bank.device)
+        return torch.cat(dists).unsqueeze(1), torch.cat(idxs).unsqueeze(1)
+
+    def _chunk(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = len(q)
+        centred = q - self.mean
+        q_sq = squared_norms(centred)  # (c,)
+        ones = torch.ones((c, 2), dtype=torch.bfloat16, device=q.device)
+        t = torch.cat([centred.to(torch.bfloat16), ones], dim=1) @ self.augmented.T  # (c, M) bf16
+        j0 = t.min(dim=1).indices  # (c,) a first candidate per query (min: 5x faster than argmin on bf16 here)
+        d0 = torch.sub(q, self.bank.index_select(0, j0)).square_().sum(dim=1)  # exact, direct form
+        slack = 1e-5 * (q_sq + self.max_sq)  # float32 rounding of centring, norms and d0
+        bound = d0 - q_sq + self.coef_q * q_sq.sqrt() * self.max_norm + self.const + slack  # (c,)
+        limit = bound.to(torch.bfloat16)
+        limit = torch.where(limit.float() < bound, torch.nextafter(limit, torch.full_like(limit, float("inf"))), limit)
+        rows, cols = torch.nonzero(t <= limit.unsqueeze(1), as_tuple=True)  # every possible nearer row
+        del t
+        best = torch.full((c,), float("inf"), device=q.device)
+        dist = torch.empty(len(rows), device=q.device)
+        for a in range(0, len(rows), PAIR_BLOCK):
+            r, k = rows[a : a + PAIR_BLOCK], cols[a : a + PAIR_BLOCK]
+            dist[a : a + PAIR_BLOCK] = torch.sub(q.index_select(0, r), self.bank.index_select(0, k)).square_().sum(dim=1)
+        best.scatter_reduce_(0, rows, dist, reduce="amin")
+        at_best = dist == best.index_select(0, rows)
+        index = torch.full((c,), len(self.bank), dtype=torch.long, device=q.device)
+        index.scatter_reduce_(0, rows[at_best], cols[at_best], reduce="amin")
+        return best, index

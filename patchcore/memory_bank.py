@@ -28,11 +28,12 @@ from safetensors.torch import load_file, save_file
 
 from patchcore import strict_json
 from patchcore.config import IvfPqConfig
-from patchcore.distances import nearest_neighbours
+from patchcore.distances import Bf16Search, fast_bf16, nearest_neighbours
 from patchcore.errors import BankFormatError, ConfigError
 
 BANK_FORMAT_VERSION = 1
 NN_BACKENDS = ("torch", "faiss", "faiss_ivfpq")
+NN_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def _import_faiss(backend: str):
@@ -94,12 +95,31 @@ class MemoryBank:
     """(M, D) float32 features with exact (chunked torch) or FAISS nearest-neighbour search."""
 
     def __init__(self, features: torch.Tensor, metadata: dict[str, Any] | None = None, nn_backend: str = "torch",
-                 ivfpq: IvfPqConfig | None = None):
+                 ivfpq: IvfPqConfig | None = None, nn_precision: str = "auto"):
         if features.ndim != 2 or len(features) == 0:
             raise ValueError(f"a memory bank needs a non-empty (M, D) tensor, got {tuple(features.shape)}")
         self.features = features.float().contiguous()
         self.metadata = dict(metadata or {})
+        self._bf16: Bf16Search | None = None
+        self.nn_precision = nn_precision
         self.set_backend(nn_backend, ivfpq)
+
+    @property
+    def nn_precision(self) -> str:
+        """The torch backend's products for 1-NN: auto | float32 | bfloat16 (exact either way)."""
+        return self._nn_precision
+
+    @nn_precision.setter
+    def nn_precision(self, value: str) -> None:
+        if value not in NN_PRECISIONS:
+            raise ConfigError(f"unknown model.nn_precision {value!r}; choose one of {', '.join(NN_PRECISIONS)}")
+        self._nn_precision = value
+
+    def uses_bf16(self, k: int = 1) -> bool:
+        """Whether a k-NN search runs as bf16 products + exact re-ranking (1-NN, torch backend)."""
+        if self.nn_backend != "torch" or k != 1 or self.nn_precision == "float32":
+            return False
+        return self.nn_precision == "bfloat16" or fast_bf16(self.features.device)
 
     def set_backend(self, nn_backend: str, ivfpq: IvfPqConfig | None = None) -> "MemoryBank":
         """Choose the NN backend (and IVF-PQ settings); a FAISS index is rebuilt on next use."""
@@ -126,11 +146,18 @@ class MemoryBank:
         return int(self.features.shape[1])
 
     def to(self, device: torch.device | str) -> "MemoryBank":
-        self.features = self.features.to(device)
+        moved = self.features.to(device)
+        if moved is not self.features:
+            self._bf16 = None
+        self.features = moved
         return self
 
     def nearest(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (Q, D) -> squared Euclidean distances (Q, k) and bank indices (Q, k)."""
+        if self.uses_bf16(k):
+            if self._bf16 is None:  # prepared once per bank and device
+                self._bf16 = Bf16Search(self.features)
+            return self._bf16.search(queries)
         if self.nn_backend == "torch":
             return nearest_neighbours(queries, self.features, k, squared=True)
         return self._faiss_search(queries, k)

@@ -177,7 +177,8 @@ class PatchCore:
         """Install (M, D) features as the bank, with the metadata needed to rebuild the model."""
         meta = {"model": to_dict(self.config), "seed": self.seed, "backbone_id": self.backbone_id, **extra}
         meta.update(metadata or {})
-        self.bank = MemoryBank(features, meta, nn_backend=self.config.nn_backend, ivfpq=self.config.ivfpq).to(self.device)
+        self.bank = MemoryBank(features, meta, nn_backend=self.config.nn_backend, ivfpq=self.config.ivfpq,
+                               nn_precision=self.config.nn_precision).to(self.device)
         return self.bank
 
     @torch.inference_mode()
@@ -224,4 +225,5 @@ class PatchCore:
                                   f"{model.transform.out_dim} (model.layer_weighting, model.target_embed_dim, model.transform.projection_dim)")
         model.bank = bank.to(model.device)
         model.bank.set_backend(config.nn_backend, config.ivfpq)
+        model.bank.nn_precision = config.nn_precision
         return model

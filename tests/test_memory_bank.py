@@ -148,3 +148,85 @@ def test_switching_backend_drops_the_index():
     assert bank._faiss_index is not None
     bank.nn_backend = "torch"
     assert bank._faiss_index is None and bank.nn_backend == "torch"
+
+
+def _float64_nearest(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Brute force in float64: min squared distance, its (lowest) index, and the runner-up gap."""
+    d = torch.cdist(queries.double(), bank.double()).square()
+    two = torch.topk(d, 2, dim=1, largest=False)
+    return two.values[:, 0], d.argmin(dim=1), two.values[:, 1] - two.values[:, 0]
+
+
+@pytest.mark.parametrize("seed,dim", [(0, 8), (1, 152), (2, 1024)])
+def test_bf16_search_returns_the_exact_nearest_neighbour(seed, dim):
+    from patchcore.distances import Bf16Search
+
+    g = torch.Generator().manual_seed(seed)
+    bank = torch.rand(700, dim, generator=g) * 5 + 3  # non-negative, far from the origin: large norms
+    bank[50] = bank[10]  # a duplicated row: the lower index wins the tie
+    queries = bank[torch.randint(0, 700, (1500,), generator=g)] + 0.3 * torch.randn(1500, dim, generator=g)
+    queries[:5] = bank[10]  # queries on a bank row (distance 0)
+    d, i = Bf16Search(bank).search(queries, max_bytes=1 << 20)  # several chunks
+    ref_d, ref_i, gap = _float64_nearest(queries, bank)
+    assert d.shape == (1500, 1) and i.shape == (1500, 1) and d.dtype == torch.float32
+    torch.testing.assert_close(d[:, 0].double(), ref_d, rtol=1e-5, atol=1e-4)
+    clear = gap > 1e-4 * ref_d.clamp(min=1.0)  # not a float32 near-tie
+    assert torch.equal(i[clear, 0], ref_i[clear]) and clear.float().mean() > 0.99
+    assert i[:5, 0].tolist() == [10] * 5 and d[:5, 0].tolist() == [0.0] * 5
+
+
+def test_bf16_search_is_exact_where_bf16_products_alone_cannot_tell():
+    from patchcore.distances import Bf16Search
+
+    # rows differing by less than bf16 resolves at their scale: the products tie, re-ranking decides
+    cluster = torch.full((5, 64), 100.0)
+    cluster[:, 0] += torch.tensor([0.30, 0.10, 0.20, 0.05, 0.25])
+    bank = torch.cat([cluster, torch.zeros(5, 64)])  # mean 50: centred rows near 50, bf16 step 0.25
+    query = torch.full((1, 64), 100.0)
+    query[0, 0] += 0.06  # nearest: offset 0.05 (row 3, distance² 0.0001), then 0.10 (row 1, 0.0016)
+    centred = (bank - bank.mean(dim=0)).bfloat16()
+    assert torch.equal(centred[3], centred[1])  # bf16 products cannot tell rows 3 and 1 apart
+    d, i = Bf16Search(bank).search(query)
+    assert i.item() == 3 and d.item() == pytest.approx(0.01**2, abs=2e-5)
+
+
+def test_bank_nn_precision_bf16_equals_float32_and_is_validated():
+    from patchcore.errors import ConfigError
+
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(400, 96, generator=g)
+    q = torch.randn(300, 96, generator=g)
+    exact = MemoryBank(feats, nn_precision="float32")
+    fast = MemoryBank(feats, nn_precision="bfloat16")
+    assert fast.uses_bf16() and not exact.uses_bf16() and not fast.uses_bf16(k=3)  # k > 1: float32
+    (d1, i1), (d2, i2) = exact.nearest(q), fast.nearest(q)
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(d1, d2, rtol=1e-5, atol=1e-4)
+    assert fast.nearest(q, k=3)[1].shape == (300, 3)
+    with pytest.raises(ConfigError, match="model.nn_precision"):
+        MemoryBank(feats, nn_precision="half")
+
+
+@pytest.mark.slow
+def test_bf16_search_equals_float32_search_on_real_tire_embeddings(shared_mvtec):
+    from patchcore.config import BackboneConfig, DataConfig, ModelConfig
+    from patchcore.data import ImageDataset, make_loader
+    from patchcore.data.sources import load_records, model_preprocess
+    from patchcore.model import PatchCore
+
+    data = DataConfig(format="mvtec", root=str(shared_mvtec), batch_size=8)
+    records = load_records(data, shared_mvtec, "tire")
+    train = [r for r in records if r.split == "train"][:16]
+    test = [r for r in records if r.split == "test" and r.label == 1][:8]
+    backbone = BackboneConfig("efficientnet_lite0", ("layer2", "layer3"), "imagenet")
+    for weighting in ("concat", "paper"):  # 152-d and 1024-d embeddings
+        model = PatchCore(ModelConfig(backbone=backbone, layer_weighting=weighting), "cpu")
+        feats = [model.extract(make_loader(ImageDataset(rs, model_preprocess(data)), 8), progress=False)
+                 for rs in (train, test)]
+        bank = feats[0][::5]  # every 5th training patch
+        (d32, i32), (d16, i16) = (MemoryBank(bank, nn_precision=p).nearest(feats[1]) for p in ("float32", "bfloat16"))
+        ref_d, _, gap = _float64_nearest(feats[1], bank)
+        clear = gap > 1e-4 * ref_d.clamp(min=1.0)
+        assert clear.float().mean() > 0.99
+        assert torch.equal(i16[clear], i32[clear])
+        torch.testing.assert_close(d16[:, 0].double(), ref_d, rtol=1e-5, atol=1e-3)
