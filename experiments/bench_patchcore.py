@@ -2,12 +2,16 @@
 
     python experiments/bench_patchcore.py [--root ../shared/data/mvtec] [--category tire]
         [--backbone efficientnet_lite0] [--weights imagenet] [--repeats 3] [--precision float32]
+        [--device auto] [--nn-precision auto] [--pruning auto]
 
 Prints, for one category: backbone forward alone (img/s), feature extraction (forward + patch
-embedding, img/s), coreset selection (s), scoring (img/s), and the ratio of end-to-end
-fit+predict time per image to the backbone forward time per image. Images are decoded and
-preprocessed once up front (decoding is reported separately) so the stages compare compute
-with compute. Medians over --repeats for the cheap stages.
+embedding, img/s), coreset selection (s), scoring (img/s) and, inside scoring, the 1-NN search
+alone; each stage also as a ratio to the backbone forward over the same images (extraction to
+the train forward, coreset to the whole forward, scoring and search to the test forward), and the
+ratio of end-to-end fit+predict time per image to the backbone forward time per image. Images
+are decoded and preprocessed once up front (decoding is reported separately) so the stages
+compare compute with compute. Medians over --repeats (the coreset too); on CUDA every timing
+waits for the device.
 """
 
 from __future__ import annotations
@@ -30,11 +34,18 @@ from patchcore.data.sources import load_records, model_preprocess  # noqa: E402
 from patchcore.model import PatchCore  # noqa: E402
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int = 1) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         result = fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
@@ -48,6 +59,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--nn-precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--pruning", default="auto", choices=["auto", "on", "off"], help="coreset pruning")
     args = p.parse_args()
 
     data = DataConfig(format="mvtec", root=args.root, batch_size=args.batch_size)
@@ -57,8 +71,9 @@ def main() -> int:
     pre = model_preprocess(data)
     decode_s, batches = timed(lambda: {name: [b["image"] for b in make_loader(ImageDataset(rs, pre), args.batch_size)]
                                        for name, rs in (("train", train), ("test", test))})
-    model = PatchCore(ModelConfig(backbone=BackboneConfig(args.backbone, ("layer2", "layer3"), args.weights),
-                                  precision=args.precision), "auto")
+    config = ModelConfig(backbone=BackboneConfig(args.backbone, ("layer2", "layer3"), args.weights),
+                         precision=args.precision, nn_precision=args.nn_precision)
+    model = PatchCore(config, args.device)
     n_train, n_test = len(train), len(test)
 
     def forward(name: str) -> None:
@@ -71,20 +86,28 @@ def main() -> int:
     fwd_test_s, _ = timed(lambda: forward("test"), args.repeats)
     extract_s, features = timed(lambda: model.extract(batches["train"], progress=False), args.repeats)
     size = coreset_size(len(features), model.config.coreset.ratio)
-    coreset_s, idx = timed(lambda: greedy_coreset(features, size, seed=0))
+    coreset_s, idx = timed(lambda: greedy_coreset(features, size, seed=0, pruning=args.pruning), args.repeats)
     model.set_bank(features[idx])
     score_s, _ = timed(lambda: model.predict(batches["test"], progress=False), args.repeats)
+    queries = torch.cat([model.embed(b)[0].flatten(0, 1) for b in batches["test"]])
+    search_s, _ = timed(lambda: model.bank.nearest(queries), args.repeats)
 
     fwd_per_img = (fwd_train_s + fwd_test_s) / (n_train + n_test)
     e2e_per_img = (extract_s + coreset_s + score_s) / (n_train + n_test)
     print(f"device {model.device}, torch threads {torch.get_num_threads()}, backbone {args.backbone} "
-          f"({args.weights}, {args.precision})")
+          f"({args.weights}, {args.precision}), 1-NN {'bf16 + exact re-rank' if model.bank.uses_bf16() else 'float32'}, "
+          f"coreset pruning {args.pruning}")
     print(f"category {args.category}: {n_train} train, {n_test} test images; {len(features)} patches -> bank {size}")
     print(f"decode + preprocess      {decode_s:8.2f} s   ({(n_train + n_test) / decode_s:6.1f} img/s)")
     print(f"backbone forward alone   {fwd_train_s + fwd_test_s:8.2f} s   ({(n_train + n_test) / (fwd_train_s + fwd_test_s):6.1f} img/s)")
-    print(f"extraction (train)       {extract_s:8.2f} s   ({n_train / extract_s:6.1f} img/s)")
-    print(f"coreset selection        {coreset_s:8.2f} s   ({len(features)} -> {size})")
-    print(f"scoring (test)           {score_s:8.2f} s   ({n_test / score_s:6.1f} img/s)")
+    fwd_all = fwd_train_s + fwd_test_s
+    print(f"extraction (train)       {extract_s:8.2f} s   ({n_train / extract_s:6.1f} img/s)   "
+          f"{extract_s / fwd_train_s:5.2f}x the train forward")
+    print(f"coreset selection        {coreset_s:8.2f} s   ({len(features)} -> {size})   {coreset_s / fwd_all:5.2f}x the forward")
+    print(f"scoring (test)           {score_s:8.2f} s   ({n_test / score_s:6.1f} img/s)   "
+          f"{score_s / fwd_test_s:5.2f}x the test forward")
+    print(f"  of which 1-NN search   {search_s:8.2f} s   ({len(queries)} queries x {size})   "
+          f"{search_s / fwd_test_s:5.2f}x the test forward")
     print(f"end-to-end fit+predict per image / backbone forward per image: {e2e_per_img / fwd_per_img:.2f}x "
           f"({e2e_per_img * 1e3:.1f} ms vs {fwd_per_img * 1e3:.1f} ms)")
     total = extract_s + coreset_s + score_s

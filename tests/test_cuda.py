@@ -137,3 +137,19 @@ def test_real_cuda_out_of_memory_is_one_line_at_the_cli(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: CUDA out of memory during fit (")
     assert "data.batch_size" in err[0]
+
+
+@pytest.mark.cuda
+def test_bf16_search_on_cuda_returns_the_exact_nearest_neighbour():
+    from patchcore.distances import Bf16Search
+
+    g = torch.Generator().manual_seed(0)
+    bank = torch.rand(3000, 1024, generator=g) * 5 + 3
+    queries = bank[torch.randint(0, 3000, (4000,), generator=g)] + 0.3 * torch.randn(4000, 1024, generator=g)
+    d, i = Bf16Search(bank.cuda()).search(queries.cuda())
+    ref = torch.cdist(queries.double(), bank.double()).square()
+    two = torch.topk(ref, 2, dim=1, largest=False)
+    clear = (two.values[:, 1] - two.values[:, 0]) > 1e-4 * two.values[:, 0].clamp(min=1.0)
+    assert d.is_cuda and clear.float().mean() > 0.99
+    assert torch.equal(i.cpu()[clear, 0], ref.argmin(dim=1)[clear])
+    torch.testing.assert_close(d.cpu()[:, 0].double(), two.values[:, 0], rtol=1e-5, atol=1e-3)

@@ -1,7 +1,7 @@
 """Greedy k-center coreset: ours (fp32, bf16) against anomalib's KCenterGreedy on the same features.
 
     python -m experiments.bench.coreset [--features /tmp/fedpatch-bench/tire_train.npy]
-        [--ratio 0.1] [--limit N] [--seeds 0 1 2] [--variants 128:float32 128:bfloat16 256:float32]
+        [--ratio 0.1] [--limit N] [--seeds 0 1 2] [--variants 128:float32:off 256:float32 256:float32:off]
         [--anomalib-python /tmp/anomalib-venv/bin/python] [--threads N]
 
 The features are real EfficientNet-Lite0 patch embeddings of the shared tire training images
@@ -116,10 +116,11 @@ def run_anomalib(python: str, npy: Path, ratio: float, seed: int, threads: int |
     return info
 
 
-def parse_variant(text: str) -> tuple[int | None, str]:
-    """'128:float32' -> (128, 'float32'); 'none:float32' -> no projection."""
-    dim, _, precision = text.partition(":")
-    return (None if dim == "none" else int(dim)), (precision or "float32")
+def parse_variant(text: str) -> tuple[int | None, str, str]:
+    """'128:float32' -> (128, 'float32', 'auto'); 'none:float32:off' -> no projection, plain loop.
+    The third field is the pruning setting (auto: the pruned loop on CPU in float32)."""
+    dim, precision, pruning = (text.split(":") + ["", ""])[:3]
+    return (None if dim == "none" else int(dim)), (precision or "float32"), (pruning or "auto")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--limit", type=int, default=None, help="first N rows of a seeded shuffle")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=["128:float32", "128:bfloat16", "256:float32"],
-                        help="ours, as PROJECTION_DIM:PRECISION (128:float32 is the paper default)")
+    parser.add_argument("--variants", nargs="+", default=["128:float32", "128:float32:off", "256:float32",
+                                                          "256:float32:off"],
+                        help="ours, as PROJECTION_DIM:PRECISION[:PRUNING] (128:float32 is the paper default; "
+                             "PRUNING auto|on|off, off = the plain loop)")
     parser.add_argument("--num-starts", type=int, default=10)
     parser.add_argument("--anomalib-python", default=None)
     parser.add_argument("--device", default="auto")
@@ -159,14 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"features {tuple(x.shape)} from {npy}, {size} picks, device {device}, threads {torch.get_num_threads()}, "
           f"seeds {args.seeds}", flush=True)
     runs: dict[str, list[dict]] = {}
+    same: dict[str, list[bool]] = {}  # pruned vs plain picks, per projection/precision and seed
     for seed in args.seeds:  # seed by seed, every method in turn: a busy neighbour slows all alike
+        picks: dict[tuple, torch.Tensor] = {}
         for variant in args.variants:
-            dim, precision = parse_variant(variant)
-            name = f"ours p{dim} {precision}"
-            row = run_ours(x, size, projection_dim=dim, num_starts=args.num_starts, seed=seed, precision=precision)
+            dim, precision, pruning = parse_variant(variant)
+            name = f"ours p{dim} {precision}" + (" plain" if pruning == "off" else "")
+            row = run_ours(x, size, projection_dim=dim, num_starts=args.num_starts, seed=seed, precision=precision,
+                           pruning=pruning)
             row["radius"] = radius(x, row["picks"].to(x.device))
             runs.setdefault(name, []).append(row)
             print(f"  seed {seed} {name}: {row['seconds']:.2f} s, radius {row['radius']:.4f}", flush=True)
+            key = (dim, precision)
+            if key in picks:
+                same.setdefault(f"p{dim} {precision}", []).append(bool(torch.equal(picks[key], row["picks"])))
+            picks[key] = row["picks"]
         if args.anomalib_python:
             row = run_anomalib(args.anomalib_python, Path(npy), args.ratio, seed, args.threads)
             row["radius"] = radius(x, row["picks"].to(x.device))
@@ -174,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  seed {seed} anomalib {row['version']}: {row['seconds']:.2f} s, radius {row['radius']:.4f}",
                   flush=True)
     report(x, size, runs, args.json)
+    for key, flags in same.items():
+        print(f"pruned picks == plain picks, {key}: {sum(flags)}/{len(flags)} seeds")
     return 0
 
 
