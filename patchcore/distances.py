@@ -98,17 +98,20 @@ class Bf16Search:
     """Exact 1-NN by bf16 matrix products with exact float32 re-ranking.
 
     The bank is centred (distances do not change; norms, and with them the rounding, shrink) and
-    stored once as an augmented bf16 matrix [-2·b, hi(||b||²), lo(||b||²)], so one product with
-    [q, 1, 1] gives t_ij ≈ ||b_j||² - 2 q_i·b_j, i.e. the squared distance less ||q_i||². Its
-    error is bounded per query (bf16 rounding of both inputs and of the output, float32
-    accumulation over D terms):
-        |t_ij - exact| <= E_i = (6.2u + 3γ)·||q_i||·max||b|| + (1.1u + 2γ)·max||b||² + slack,
-    u = 2^-8, γ = (D + 2)·2^-24. For each query, j0 = argmin_j t_ij gives an exact distance d0
-    (direct form, float32); every bank row that could be nearer satisfies t_ij <= d0 - ||q||² + E_i,
-    so those few candidates are re-ranked exactly and the nearest (lowest index on ties) is
-    returned with its exact float32 squared distance ||q - b||². No candidate is ever missed: the
-    result is the exact search's, up to float32 rounding of the distances (tested against float64
-    brute force). On the 2-core CPU here bf16 products run 3.8x faster than float32 (avx512_bf16)."""
+    stored once as an augmented bf16 matrix, so that one product per query chunk gives, for every
+    query i and bank row j, a certified LOWER BOUND of a_ij = ||b_j||² - 2 q_i·b_j (the squared
+    distance less ||q_i||²):
+        [q_i, 1, 1, -α||q_i||] · [-2 b_j, hi, lo, ||b_j||]  with hi + lo = (1 - β)||b_j||²
+    = a_ij - α||q_i||·||b_j|| - β||b_j||², minus a rounding error that the subtracted terms cover:
+    bf16 rounding of every input (u = 2^-8 relative each) and of the output (u), float32
+    accumulation over D + 3 terms (γ = (D + 3)·2^-24), so α = 1.02·(6.2u + 2.2γ) and
+    β = 1.02·(1.1u + 1.1γ + 2.1u²) + 1e-5 suffice (|q·b| <= ||q||·||b||). The bound is per pair, so
+    a few large-norm bank rows (a k-center coreset keeps the outliers) do not loosen it for the
+    rest. For each query, j0 = the row with the smallest bound gives an exact distance d0 (direct
+    form ||q - b||², float32); every row that could be nearer has a bound <= d0 - ||q||², and
+    those candidates are re-ranked exactly; the nearest (lowest index on ties) is returned with its
+    exact float32 squared distance. No candidate is missed: the result is the exact search's up to
+    float32 rounding of the distances (tested against float64 brute force)."""
 
     def __init__(self, bank: torch.Tensor):
         bank = bank.float().contiguous()
@@ -116,14 +119,14 @@ class Bf16Search:
         self.mean = bank.mean(dim=0)
         centred = bank - self.mean
         sq = squared_norms(centred)
-        hi = sq.to(torch.bfloat16)
-        lo = (sq - hi.float()).to(torch.bfloat16)
-        self.augmented = torch.cat([(-2.0 * centred).to(torch.bfloat16), hi[:, None], lo[:, None]], dim=1).contiguous()
-        self.max_norm = float(sq.max().sqrt())
-        self.max_sq = float(sq.max())
-        gamma = (bank.shape[1] + 2) * 2.0**-24 * 1.01
-        self.coef_q = 6.2 * BF16_UNIT + 3 * gamma
-        self.const = (1.1 * BF16_UNIT + 2 * gamma) * self.max_sq
+        gamma = (bank.shape[1] + 3) * 2.0**-24
+        self.alpha = 1.02 * (6.2 * BF16_UNIT + 2.2 * gamma)
+        beta = 1.02 * (1.1 * BF16_UNIT + 1.1 * gamma + 2.1 * BF16_UNIT**2) + 1e-5
+        kept = sq * (1.0 - beta)
+        hi = kept.to(torch.bfloat16)
+        lo = (kept - hi.float()).to(torch.bfloat16)
+        columns = [(-2.0 * centred).to(torch.bfloat16), hi[:, None], lo[:, None], sq.sqrt().to(torch.bfloat16)[:, None]]
+        self.augmented = torch.cat(columns, dim=1).contiguous()  # (M, D + 3)
 
     def __len__(self) -> int:
         return len(self.bank)
@@ -147,19 +150,23 @@ class Bf16Search:
         c = len(q)
         centred = q - self.mean
         q_sq = squared_norms(centred)  # (c,)
-        ones = torch.ones((c, 2), dtype=torch.bfloat16, device=q.device)
-        t = torch.cat([centred.to(torch.bfloat16), ones], dim=1) @ self.augmented.T  # (c, M) bf16
+        extra = torch.ones((c, 3), dtype=torch.float32, device=q.device)
+        extra[:, 2] = q_sq.sqrt() * -self.alpha
+        t = torch.cat([centred, extra], dim=1).to(torch.bfloat16) @ self.augmented.T  # (c, M) lower bounds
         j0 = t.min(dim=1).indices  # (c,) a first candidate per query (min: 5x faster than argmin on bf16 here)
         d0 = torch.sub(q, self.bank.index_select(0, j0)).square_().sum(dim=1)  # exact, direct form
-        slack = 1e-5 * (q_sq + self.max_sq)  # float32 rounding of centring, norms and d0
-        bound = d0 - q_sq + self.coef_q * q_sq.sqrt() * self.max_norm + self.const + slack  # (c,)
+        bound = d0 * (1.0 + 1e-4) - q_sq * (1.0 - 1e-4)  # (c,) + the float32 rounding of d0 and ||q||²
         limit = bound.to(torch.bfloat16)
         limit = torch.where(limit.float() < bound, torch.nextafter(limit, torch.full_like(limit, float("inf"))), limit)
         rows, cols = torch.nonzero(t <= limit.unsqueeze(1), as_tuple=True)  # every possible nearer row
         del t
+        others = cols != j0.index_select(0, rows)  # j0's distance is d0 already
+        rows = torch.cat([torch.arange(c, device=q.device), rows[others]])
+        cols = torch.cat([j0, cols[others]])
         best = torch.full((c,), float("inf"), device=q.device)
         dist = torch.empty(len(rows), device=q.device)
-        for a in range(0, len(rows), PAIR_BLOCK):
+        dist[:c] = d0
+        for a in range(c, len(rows), PAIR_BLOCK):
             r, k = rows[a : a + PAIR_BLOCK], cols[a : a + PAIR_BLOCK]
             dist[a : a + PAIR_BLOCK] = torch.sub(q.index_select(0, r), self.bank.index_select(0, k)).square_().sum(dim=1)
         best.scatter_reduce_(0, rows, dist, reduce="amin")

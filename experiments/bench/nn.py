@@ -1,6 +1,8 @@
-"""Nearest-neighbour scoring: torch exact vs FAISS flat vs FAISS IVF-PQ on the real tire bank.
+"""Nearest-neighbour scoring: torch exact (float32 products, and bf16 products + exact re-ranking)
+vs FAISS flat vs FAISS IVF-PQ on the real tire bank.
 
     python -m experiments.bench.nn [--repeats 3] [--ivfpq NLIST,M,NBITS,NPROBE[,REFINE] ...]
+        [--no-faiss]
 
 The bank is the 10% greedy coreset (paper defaults, seed 0) of the cached tire training
 embeddings (~16k x 1024); the queries are the tire test embeddings (~88k x 1024, 112 images),
@@ -51,10 +53,11 @@ def metrics(dist: torch.Tensor, labels: np.ndarray, masks: np.ndarray, grid: tup
             "pixel_auroc": pixel_auroc(masks.astype(bool), maps)}
 
 
-def run(bank: torch.Tensor, queries: torch.Tensor, backend: str, ivfpq, repeats: int) -> dict:
+def run(bank: torch.Tensor, queries: torch.Tensor, backend: str, ivfpq, repeats: int,
+        nn_precision: str = "float32") -> dict:
     from patchcore.memory_bank import MemoryBank
 
-    mb = MemoryBank(bank, nn_backend=backend, ivfpq=ivfpq)
+    mb = MemoryBank(bank, nn_backend=backend, ivfpq=ivfpq, nn_precision=nn_precision)
     start = time.perf_counter()
     mb.nearest(queries[:1])  # builds (and for IVF-PQ trains) the index
     build = time.perf_counter() - start
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ivfpq", nargs="*", default=DEFAULT_IVFPQ, help="NLIST,M,NBITS,NPROBE[,REFINE]")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--no-faiss", action="store_true", help="torch float32 vs bf16 + re-rank only")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 avoids OpenMP barrier stalls on a shared, oversubscribed machine)")
     args = parser.parse_args(argv)
@@ -87,15 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     grid = tuple(json.loads((CACHE / "tire_test_grid.json").read_text())["grid"])
     print(f"bank {tuple(bank.shape)}, queries {tuple(queries.shape)}, {len(labels)} images, "
           f"threads {torch.get_num_threads()}", flush=True)
-    variants = [("torch exact", "torch", None), ("faiss flat", "faiss", None)]
-    for spec in args.ivfpq:
+    variants = [("torch exact (float32 products)", "torch", None, "float32"),
+                ("torch exact (bf16 products + re-rank)", "torch", None, "bfloat16")]
+    if not args.no_faiss:
+        variants.append(("faiss flat", "faiss", None, "float32"))
+    for spec in ([] if args.no_faiss else args.ivfpq):
         values = [int(v) for v in spec.split(",")]
         cfg = IvfPqConfig(*values)
         variants.append((f"ivfpq nlist={cfg.nlist} m={cfg.m} nbits={cfg.nbits} nprobe={cfg.nprobe}"
-                         + (f" refine={cfg.refine}" if cfg.refine else ""), "faiss_ivfpq", cfg))
+                         + (f" refine={cfg.refine}" if cfg.refine else ""), "faiss_ivfpq", cfg, "float32"))
     rows, ref = [], None
-    for name, backend, cfg in variants:
-        r = run(bank, queries, backend, cfg, args.repeats if backend != "faiss_ivfpq" else max(1, args.repeats))
+    for name, backend, cfg, precision in variants:
+        r = run(bank, queries, backend, cfg, args.repeats if backend != "faiss_ivfpq" else max(1, args.repeats), precision)
         if ref is None:
             ref = r
         rel = (r["d"] - ref["d"]).abs() / ref["d"].clamp(min=1e-12)
