@@ -99,19 +99,21 @@ class Bf16Search:
 
     The bank is centred (distances do not change; norms, and with them the rounding, shrink) and
     stored once as an augmented bf16 matrix, so that one product per query chunk gives, for every
-    query i and bank row j, a certified LOWER BOUND of a_ij = ||b_j||² - 2 q_i·b_j (the squared
+    query i and bank row j, a certified lower bound of a_ij = ||b_j||² - 2 q_i·b_j (the squared
     distance less ||q_i||²):
         [q_i, 1, 1, -α||q_i||] · [-2 b_j, hi, lo, ||b_j||]  with hi + lo = (1 - β)||b_j||²
-    = a_ij - α||q_i||·||b_j|| - β||b_j||², minus a rounding error that the subtracted terms cover:
-    bf16 rounding of every input (u = 2^-8 relative each) and of the output (u), float32
-    accumulation over D + 3 terms (γ = (D + 3)·2^-24), so α = 1.02·(6.2u + 2.2γ) and
-    β = 1.02·(1.1u + 1.1γ + 2.1u²) + 1e-5 suffice (|q·b| <= ||q||·||b||). The bound is per pair, so
-    a few large-norm bank rows (a k-center coreset keeps the outliers) do not loosen it for the
-    rest. For each query, j0 = the row with the smallest bound gives an exact distance d0 (direct
-    form ||q - b||², float32); every row that could be nearer has a bound <= d0 - ||q||², and
-    those candidates are re-ranked exactly; the nearest (lowest index on ties) is returned with its
-    exact float32 squared distance. No candidate is missed: the result is the exact search's up to
-    float32 rounding of the distances (tested against float64 brute force)."""
+    = a_ij - α||q_i||·||b_j|| - β||b_j||², before the output's rounding. The subtracted terms cover
+    the bf16 rounding of every input (u = 2^-8 relative each; |q·b| <= ||q||·||b||) and float32
+    accumulation over D + 3 terms (γ = (D + 3)·2^-24): α = 1.02·(4.03u + 2.05γ)/(1 - 2.01u),
+    β = 1.02·(2.1u² + 1.1γ) + 1e-5. The output is the float32 accumulator rounded once to bf16
+    (oneDNN on CPU, cuBLAS on CUDA), which moves a value x by at most u·|x|: the per-query
+    threshold is widened by that relative amount instead of a worst-case term. The bound is per
+    pair, so a few large-norm bank rows (a k-center coreset keeps the outliers) do not loosen it
+    for the rest. For each query, j0 = the row with the smallest bound gives an exact distance d0
+    (direct form ||q - b||², float32); every row that could be nearer has a bound <= d0 - ||q||²
+    (widened), and those candidates are re-ranked exactly; the nearest (lowest index on ties) is
+    returned with its exact float32 squared distance. No candidate is missed: the result is the
+    exact search's up to float32 rounding of the distances (tested against float64 brute force)."""
 
     def __init__(self, bank: torch.Tensor):
         bank = bank.float().contiguous()
@@ -119,9 +121,9 @@ class Bf16Search:
         self.mean = bank.mean(dim=0)
         centred = bank - self.mean
         sq = squared_norms(centred)
-        gamma = (bank.shape[1] + 3) * 2.0**-24
-        self.alpha = 1.02 * (6.2 * BF16_UNIT + 2.2 * gamma)
-        beta = 1.02 * (1.1 * BF16_UNIT + 1.1 * gamma + 2.1 * BF16_UNIT**2) + 1e-5
+        u, gamma = BF16_UNIT, (bank.shape[1] + 3) * 2.0**-24
+        self.alpha = 1.02 * (4.03 * u + 2.05 * gamma) / (1.0 - 2.01 * u)  # input rounding + accumulation
+        beta = 1.02 * (2.1 * u**2 + 1.1 * gamma) + 1e-5  # hi/lo rounding + accumulation + centring
         kept = sq * (1.0 - beta)
         hi = kept.to(torch.bfloat16)
         lo = (kept - hi.float()).to(torch.bfloat16)
@@ -156,6 +158,8 @@ class Bf16Search:
         j0 = t.min(dim=1).indices  # (c,) a first candidate per query (min: 5x faster than argmin on bf16 here)
         d0 = torch.sub(q, self.bank.index_select(0, j0)).square_().sum(dim=1)  # exact, direct form
         bound = d0 * (1.0 + 1e-4) - q_sq * (1.0 - 1e-4)  # (c,) + the float32 rounding of d0 and ||q||²
+        # the product's one bf16 rounding of its float32 accumulator moves a value x by <= u·|x|
+        bound = torch.where(bound >= 0, bound / (1.0 - 1.01 * BF16_UNIT), bound / (1.0 + 1.01 * BF16_UNIT))
         limit = bound.to(torch.bfloat16)
         limit = torch.where(limit.float() < bound, torch.nextafter(limit, torch.full_like(limit, float("inf"))), limit)
         rows, cols = torch.nonzero(t <= limit.unsqueeze(1), as_tuple=True)  # every possible nearer row
