@@ -283,26 +283,27 @@ def _pruned_loop(x: torch.Tensor, sq: torch.Tensor, argmax: _Argmax, picks: torc
     z_sq = squared_norms(z[:, :-1])
     kappa = 4.0 * x.shape[1] * torch.finfo(torch.float32).eps
     share = z_sq - kappa * (sq + z_sq)  # ||z_i||² less point i's share of the margin
+    # per point, the vector its turn as the new centre multiplies [z, 1] by: [-2 z_s, share_s]
+    weights = torch.cat([z[:, :-1] * -2.0, share[:, None]], dim=1).contiguous()  # (N, p+2)
     dots = _RowDots(x.shape[1], x.device)  # the plain loop's arithmetic, row for row
     dense = len(x) // 4  # above this many survivors one full update is cheaper than gathering them
     updated = full_steps = 0
     for step in steps:
         idx = argmax(out=picks[step : step + 1])  # (1,)
         centre = x.index_select(0, idx).squeeze(0)  # (P,)
-        w = zt.index_select(1, idx).squeeze(1).mul(-2.0)  # (p+2,): [-2 z_s, -2]
-        w[-1] = share.index_select(0, idx).squeeze(0)  # the constant column carries s's share
-        bound = torch.addmv(share, z, w)  # (N,) ||z_i - z_s||² less the margin
+        centre_sq = sq.index_select(0, idx)  # (1,)
+        bound = torch.addmv(share, z, weights.index_select(0, idx).squeeze(0))  # (N,) ||z_i - z_s||² less the margin
         near = torch.nonzero(bound < min_d).squeeze(1)  # (k,), ~1% of N after the first picks
         if len(near) > dense:  # the first picks: the plain loop's own update
             d = torch.add(sq, dots(x, centre), alpha=-2.0)
-            d += sq.index_select(0, idx)
+            d += centre_sq
             torch.minimum(min_d, d, out=min_d)
             updated += len(x)
             full_steps += 1
             continue
         updated += len(near)
         d = torch.add(sq.index_select(0, near), dots(x.index_select(0, near), centre), alpha=-2.0)
-        d += sq.index_select(0, idx)
+        d += centre_sq
         min_d.index_copy_(0, near, torch.minimum(min_d.index_select(0, near), d))
     return {"updated": updated, "full_steps": full_steps}
 
