@@ -180,7 +180,7 @@ def test_channels_last_gives_the_same_features(records):
     with torch.inference_mode():
         a, b = plain(images), nhwc(images)
     for layer in a:
-        assert b[layer].is_contiguous()
+        assert a[layer].is_contiguous() and b[layer].is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(a[layer], b[layer], rtol=1e-4, atol=1e-4)
 
 
