@@ -24,7 +24,7 @@ import yaml  # noqa: E402
 
 import patchcore.backbones as backbones  # noqa: E402
 import patchcore.model  # noqa: E402
-from patchcore.features import embed_by_convolution, embed_by_patches  # noqa: E402
+from patchcore.features import embed, embed_by_convolution, embed_by_patches  # noqa: E402
 from experiments.scoring import fit_category, score_records  # noqa: E402
 from federated.config import ExperimentConfig  # noqa: E402
 from patchcore.config import Config, load_config  # noqa: E402
@@ -39,8 +39,11 @@ def run_variant(config: Config, name: str, categories: list[str]) -> dict[str, d
     precision, nhwc = VARIANTS[name]
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, precision=precision))
     backbones.CHANNELS_LAST = nhwc  # the extractor's default memory format
-    # the reference patch-by-patch embedding instead of the default convolution route
-    patchcore.model.embed = embed_by_patches if name == "fp32-patch-route" else embed_by_convolution
+    # the reference patch-by-patch embedding instead of the default convolution route (the paper's
+    # weighting; other weightings keep their own embedding)
+    route = embed_by_patches if name == "fp32-patch-route" else embed_by_convolution
+    patchcore.model.embed = lambda maps, p, pre, target, weighting: (
+        route(maps, p, pre, target) if weighting == "paper" else embed(maps, p, pre, target, weighting))
     out = {}
     for category in categories:
         records = load_records(config.data, data_root(config.data, config.seed), category)
