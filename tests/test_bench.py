@@ -30,14 +30,18 @@ def test_coreset_bench_reports_medians_over_seeds(tmp_path, capsys):
     np.save(npy, x.numpy())
     out = tmp_path / "result.json"
     assert bench.main(["--features", str(npy), "--seeds", "0", "1", "2", "--variants", "32:float32",
-                       "none:float32", "--json", str(out)]) == 0
+                       "32:float32:off", "none:float32", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["n"] == 600 and result["picks"] == 60
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"ours p32 float32", "ours pNone float32"}
+    assert set(rows) == {"ours p32 float32", "ours p32 float32 plain", "ours pNone float32"}
     expected = [coverage_radius(x[greedy_coreset(x, 60, projection_dim=32, seed=s)], x) for s in (0, 1, 2)]
     row = rows["ours p32 float32"]
     assert row["per_seed_radius"] == expected and row["coverage_radius"] == sorted(expected)[1]
+    assert rows["ours p32 float32 plain"]["per_seed_radius"] == expected  # the plain loop: same picks
     assert row["seconds"] == sorted(row["per_seed_seconds"])[1]
-    assert "radius per seed" in capsys.readouterr().out
-    assert bench.parse_variant("256:bfloat16") == (256, "bfloat16") and bench.parse_variant("none") == (None, "float32")
+    printed = capsys.readouterr().out
+    assert "radius per seed" in printed and "pruned picks == plain picks, p32 float32: 3/3 seeds" in printed
+    assert bench.parse_variant("256:bfloat16") == (256, "bfloat16", "auto")
+    assert bench.parse_variant("none") == (None, "float32", "auto")
+    assert bench.parse_variant("128:float32:off") == (128, "float32", "off")
