@@ -10,6 +10,8 @@ exact whatever the chunk. Squared distances are clamped at 0 against rounding.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 CPU_BUDGET = 256 << 20  # bytes of working memory per chunk on CPU
@@ -84,8 +86,12 @@ def fast_bf16(device: torch.device) -> bool:
     (compute capability >= 8), or a CPU whose flags list avx512_bf16 / amx_bf16 (Linux)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported()) and torch.cuda.get_device_capability(device)[0] >= 8
-    if device.type != "cpu":
-        return False
+    return device.type == "cpu" and _cpu_has_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_bf16() -> bool:
+    """avx512_bf16 or amx_bf16 among the CPU flags (read once per process)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
