@@ -231,9 +231,9 @@ def greedy_coreset(
         if stats is not None:
             stats["loop"] = "pruned" if pruned else "plain"
         if pruned:
-            stats_ = _pruned_loop(x, sq, argmax, picks, steps)
+            counts = _pruned_loop(x, sq, argmax, picks, steps)
             if stats is not None:
-                stats.update(stats_)
+                stats.update(counts)
             return picks
         del x
         partial = _partial_distances(xs, sq)

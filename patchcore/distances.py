@@ -136,9 +136,6 @@ class Bf16Search:
         columns = [(-2.0 * centred).to(torch.bfloat16), hi[:, None], lo[:, None], sq.sqrt().to(torch.bfloat16)[:, None]]
         self.augmented = torch.cat(columns, dim=1).contiguous()  # (M, D + 3)
 
-    def __len__(self) -> int:
-        return len(self.bank)
-
     def search(self, queries: torch.Tensor, max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (Q, D) -> exact squared distances (Q, 1) and indices (Q, 1) of the nearest rows."""
         queries = queries.to(device=self.bank.device, dtype=torch.float32)
