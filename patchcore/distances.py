@@ -105,21 +105,32 @@ class Bf16Search:
 
     The bank is centred (distances do not change; norms, and with them the rounding, shrink) and
     stored once as an augmented bf16 matrix, so that one product per query chunk gives, for every
-    query i and bank row j, a certified lower bound of a_ij = ||b_j||² - 2 q_i·b_j (the squared
-    distance less ||q_i||²):
-        [q_i, 1, 1, -α||q_i||] · [-2 b_j, hi, lo, ||b_j||]  with hi + lo = (1 - β)||b_j||²
-    = a_ij - α||q_i||·||b_j|| - β||b_j||², before the output's rounding. The subtracted terms cover
-    the bf16 rounding of every input (u = 2^-8 relative each; |q·b| <= ||q||·||b||) and float32
-    accumulation over D + 3 terms (γ = (D + 3)·2^-24): α = 1.02·(4.03u + 2.05γ)/(1 - 2.01u),
-    β = 1.02·(2.1u² + 1.1γ) + 1e-5. The output is the float32 accumulator rounded once to bf16
-    (oneDNN on CPU, cuBLAS on CUDA), which moves a value x by at most u·|x|: the per-query
+    query i and bank row j, a certified lower bound of the squared distance ||q_i - b_j||²:
+        [q_i, 1, 1, -α||q_i||, qhi_i, qlo_i] · [-2 b_j, hi_j, lo_j, ||b_j||, 1, 1]
+    with hi + lo = (1 - β)||b_j||² and qhi + qlo = (1 - β)||q_i||², which is
+    ||q - b||² - α||q||·||b|| - β(||b||² + ||q||²) before the output's rounding. The subtracted
+    terms cover the bf16 rounding of every input (u = 2^-8 relative each; |q·b| <= ||q||·||b||)
+    and float32 accumulation over D + 5 terms (γ = (D + 5)·2^-24): α = 1.02·(4.03u + 2.05γ)/(1 -
+    2.01u), β = 1.02·(2.1u² + 1.1γ) + 1e-5. The output is the float32 accumulator rounded once to
+    bf16 (oneDNN on CPU, cuBLAS on CUDA), which moves a value x by at most u·|x|: the per-query
     threshold is widened by that relative amount instead of a worst-case term. The bound is per
     pair, so a few large-norm bank rows (a k-center coreset keeps the outliers) do not loosen it
-    for the rest. For each query, j0 = the row with the smallest bound gives an exact distance d0
-    (direct form ||q - b||², float32); every row that could be nearer has a bound <= d0 - ||q||²
-    (widened), and those candidates are re-ranked exactly; the nearest (lowest index on ties) is
-    returned with its exact float32 squared distance. No candidate is missed: the result is the
-    exact search's up to float32 rounding of the distances (tested against float64 brute force)."""
+    for the rest.
+
+    The passes over the (c, M) products are what cost, not the product (measured on tire: a bf16
+    argmin or a nonzero over the products each cost as much as the product), so there is one:
+    the bf16 values are read as int16, whose order is the float order for values >= 0 and puts
+    every negative value below them, and the minimum of each block of BLOCK bank rows is taken
+    (a vectorised int16 reduction). j0 = the first row of the smallest entry of the query's
+    smallest block (a row with a small bound) gives an exact distance d0 (direct form, float32);
+    every row that could be nearer has a bound <= d0 (widened, >= 0, so the int16 comparison is
+    the float one), which only rows of blocks whose minimum passes can have: those blocks are
+    gathered, their rows compared, and the candidates re-ranked exactly; the nearest (lowest index
+    on ties) is returned with its exact float32 squared distance. No candidate is missed: the
+    result is the exact search's up to float32 rounding of the distances (tested against float64
+    brute force)."""
+
+    BLOCK = 64  # bank rows per block minimum
 
     def __init__(self, bank: torch.Tensor):
         bank = bank.float().contiguous()
@@ -127,21 +138,24 @@ class Bf16Search:
         self.mean = bank.mean(dim=0)
         centred = bank - self.mean
         sq = squared_norms(centred)
-        u, gamma = BF16_UNIT, (bank.shape[1] + 3) * 2.0**-24
+        u, gamma = BF16_UNIT, (bank.shape[1] + 5) * 2.0**-24
         self.alpha = 1.02 * (4.03 * u + 2.05 * gamma) / (1.0 - 2.01 * u)  # input rounding + accumulation
-        beta = 1.02 * (2.1 * u**2 + 1.1 * gamma) + 1e-5  # hi/lo rounding + accumulation + centring
-        kept = sq * (1.0 - beta)
-        hi = kept.to(torch.bfloat16)
-        lo = (kept - hi.float()).to(torch.bfloat16)
-        columns = [(-2.0 * centred).to(torch.bfloat16), hi[:, None], lo[:, None], sq.sqrt().to(torch.bfloat16)[:, None]]
-        self.augmented = torch.cat(columns, dim=1).contiguous()  # (M, D + 3)
+        self.beta = 1.02 * (2.1 * u**2 + 1.1 * gamma) + 1e-5  # hi/lo rounding + accumulation + centring
+        hi, lo = _split(sq * (1.0 - self.beta))
+        ones = torch.ones_like(hi)
+        columns = [(-2.0 * centred).to(torch.bfloat16), hi, lo, sq.sqrt().to(torch.bfloat16)[:, None], ones, ones]
+        augmented = torch.cat(columns, dim=1)  # (M, D + 5)
+        pad = -len(bank) % self.BLOCK  # rows whose bound is 2^100: never a candidate
+        filler = torch.zeros((pad, augmented.shape[1]), dtype=torch.bfloat16, device=bank.device)
+        filler[:, bank.shape[1]] = 2.0**100
+        self.augmented = torch.cat([augmented, filler]).contiguous()  # (M + pad, D + 5)
 
     def search(self, queries: torch.Tensor, max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (Q, D) -> exact squared distances (Q, 1) and indices (Q, 1) of the nearest rows."""
         queries = queries.to(device=self.bank.device, dtype=torch.float32)
         if max_bytes is None:
             max_bytes = BF16_CPU_BUDGET if self.bank.device.type == "cpu" else memory_budget(self.bank.device)
-        chunk = max(1, int(max_bytes) // (4 * len(self.bank)))  # bf16 products + bool mask + scratch
+        chunk = max(1, int(max_bytes) // (4 * len(self.augmented)))  # bf16 products + scratch
         dists, idxs = [], []
         for start in range(0, len(queries), chunk):
             d, i = self._chunk(queries[start : start + chunk])
@@ -152,32 +166,47 @@ class Bf16Search:
         return torch.cat(dists).unsqueeze(1), torch.cat(idxs).unsqueeze(1)
 
     def _chunk(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = len(q)
+        c, device = len(q), q.device
         centred = q - self.mean
         q_sq = squared_norms(centred)  # (c,)
-        extra = torch.ones((c, 3), dtype=torch.float32, device=q.device)
-        extra[:, 2] = q_sq.sqrt() * -self.alpha
-        t = torch.cat([centred, extra], dim=1).to(torch.bfloat16) @ self.augmented.T  # (c, M) lower bounds
-        j0 = t.min(dim=1).indices  # (c,) a first candidate per query (min: 5x faster than argmin on bf16 here)
+        qhi, qlo = _split(q_sq * (1.0 - self.beta))
+        ones = torch.ones((c, 2), dtype=torch.bfloat16, device=device)
+        alpha = (q_sq.sqrt() * -self.alpha).to(torch.bfloat16)[:, None]
+        t = torch.cat([centred.to(torch.bfloat16), ones, alpha, qhi, qlo], dim=1) @ self.augmented.T  # (c, M')
+        keys = t.view(torch.int16).view(c, -1, self.BLOCK)  # (c, blocks, BLOCK)
+        block_min = keys.amin(dim=2)  # (c, blocks): the one pass over the products
+        first = block_min.argmin(dim=1)  # (c,)
+        rows_c = torch.arange(c, device=device)
+        j0 = first * self.BLOCK + keys[rows_c, first].argmin(dim=1)  # (c,) a row with a small bound
         d0 = torch.sub(q, self.bank.index_select(0, j0)).square_().sum(dim=1)  # exact, direct form
-        bound = d0 * (1.0 + 1e-4) - q_sq * (1.0 - 1e-4)  # (c,) + the float32 rounding of d0 and ||q||²
-        # the product's one bf16 rounding of its float32 accumulator moves a value x by <= u·|x|
-        bound = torch.where(bound >= 0, bound / (1.0 - 1.01 * BF16_UNIT), bound / (1.0 + 1.01 * BF16_UNIT))
+        # + the float32 rounding of d0, then the product's one bf16 rounding (<= u·|x|), rounded up
+        bound = d0 * (1.0 + 1e-4) / (1.0 - 1.01 * BF16_UNIT)  # (c,) >= 0
         limit = bound.to(torch.bfloat16)
         limit = torch.where(limit.float() < bound, torch.nextafter(limit, torch.full_like(limit, float("inf"))), limit)
-        rows, cols = torch.nonzero(t <= limit.unsqueeze(1), as_tuple=True)  # every possible nearer row
-        del t
+        limit = limit.view(torch.int16)  # >= 0: int16 order = float order, negatives below
+        qb, bb = torch.nonzero(block_min <= limit[:, None], as_tuple=True)  # candidate blocks
+        lane_q, lane = torch.nonzero(keys[qb, bb] <= limit.index_select(0, qb)[:, None], as_tuple=True)
+        rows = qb.index_select(0, lane_q)
+        cols = bb.index_select(0, lane_q) * self.BLOCK + lane
+        del t, keys
         others = cols != j0.index_select(0, rows)  # j0's distance is d0 already
-        rows = torch.cat([torch.arange(c, device=q.device), rows[others]])
+        rows = torch.cat([rows_c, rows[others]])
         cols = torch.cat([j0, cols[others]])
-        best = torch.full((c,), float("inf"), device=q.device)
-        dist = torch.empty(len(rows), device=q.device)
+        best = torch.full((c,), float("inf"), device=device)
+        dist = torch.empty(len(rows), device=device)
         dist[:c] = d0
         for a in range(c, len(rows), PAIR_BLOCK):
             r, k = rows[a : a + PAIR_BLOCK], cols[a : a + PAIR_BLOCK]
             dist[a : a + PAIR_BLOCK] = torch.sub(q.index_select(0, r), self.bank.index_select(0, k)).square_().sum(dim=1)
         best.scatter_reduce_(0, rows, dist, reduce="amin")
         at_best = dist == best.index_select(0, rows)
-        index = torch.full((c,), len(self.bank), dtype=torch.long, device=q.device)
+        index = torch.full((c,), len(self.bank), dtype=torch.long, device=device)
         index.scatter_reduce_(0, rows[at_best], cols[at_best], reduce="amin")
         return best, index
+
+
+def _split(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) float32 -> bf16 (n, 1) columns hi, lo with hi + lo = values to ~2^-16 relative."""
+    hi = values.to(torch.bfloat16)
+    lo = (values - hi.float()).to(torch.bfloat16)
+    return hi[:, None], lo[:, None]

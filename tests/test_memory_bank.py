@@ -175,6 +175,21 @@ def test_bf16_search_returns_the_exact_nearest_neighbour(seed, dim):
     assert i[:5, 0].tolist() == [10] * 5 and d[:5, 0].tolist() == [0.0] * 5
 
 
+def test_bf16_search_blocks_padding_and_negative_bounds():
+    from patchcore.distances import Bf16Search
+
+    # 3 rows: one block, 61 padding rows that must never be returned; queries on and off the rows
+    # (on a row the certified bound is negative: int16 keys of negative bf16 values must still pass)
+    bank = torch.tensor([[1.0, 2.0, 3.0], [-4.0, 0.5, 2.0], [10.0, -3.0, 0.0]])
+    queries = torch.cat([bank, bank + 0.01, torch.tensor([[1e3, 1e3, 1e3], [-1e3, 0.0, 0.0]])])
+    search = Bf16Search(bank)
+    assert len(search.augmented) == Bf16Search.BLOCK  # padded to whole blocks
+    d, i = search.search(queries, max_bytes=1)  # one query per chunk
+    ref_d, ref_i, _ = _float64_nearest(queries, bank)
+    assert i[:, 0].tolist() == ref_i.tolist() == [0, 1, 2, 0, 1, 2, 2, 1]
+    torch.testing.assert_close(d[:, 0].double(), ref_d, rtol=1e-5, atol=1e-4)
+
+
 def test_bf16_search_is_exact_where_bf16_products_alone_cannot_tell():
     from patchcore.distances import Bf16Search
 
