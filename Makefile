@@ -22,14 +22,14 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP)
-	$(PY) experiments/bench_patchcore.py
+	$(PY) experiments/bench/patchcore.py
 
-# One-shot device check (experiments/gpu_check.py): report.md + results.json + logs in OUT, < 8 min
+# One-shot device check (experiments/bench/gpu_check.py): report.md + results.json + logs in OUT, < 8 min
 # on one GPU. No install step: a GPU box may have its own environment and no package registry;
 # it uses $(PY) when that exists, else python3.
 OUT ?= results/gpu-check
 gpu-check:
-	$(if $(wildcard $(PY)),$(PY),python3) -m experiments.gpu_check --out $(OUT)
+	$(if $(wildcard $(PY)),$(PY),python3) -m experiments.bench.gpu_check --out $(OUT)
 
 clean:
 	rm -rf results .cache .pytest_cache

@@ -65,7 +65,7 @@ def actor_device(device: str) -> str:
     simulation, `flwr run`'s local one, a Ray cluster) `auto` means CUDA only when Ray gave the
     actor a GPU share (federation.client_gpus > 0; Ray then sets CUDA_VISIBLE_DEVICES to it), and
     the CPU otherwise: a zero-GPU actor may still see every GPU (Ray leaves CUDA_VISIBLE_DEVICES
-    alone there with RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0, which experiments/simulation.py sets
+    alone there with RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0, which experiments/app/simulation.py sets
     and future Ray makes the default), and would land on GPU 0 outside Ray's accounting. Outside
     Ray, and for any explicit device, the setting is returned as it is."""
     ray = sys.modules.get("ray")  # a Ray worker has imported it; nothing else needs to

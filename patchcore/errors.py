@@ -1,7 +1,7 @@
 """Exceptions a user can act on.
 
 Every error fedpatch raises on bad input is a subclass of `FedpatchError` whose message is one
-line naming the offending file, key or value. The command line (experiments/cli.py) is the only
+line naming the offending file, key or value. The command line (experiments/app/cli.py) is the only
 place that turns them into `error: <message>` and a non-zero exit code.
 """
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from experiments.cli import main
+from experiments.app.cli import main
 from patchcore.errors import DataError
 
 TINY = {
@@ -261,9 +261,9 @@ def test_evaluate_json_parses_strictly_and_the_manifest_is_complete(fitted, caps
     (KeyboardInterrupt(), "interrupted", "interrupted", 130),
 ])
 def test_a_failed_fit_keeps_its_results_and_says_why(tmp_path, capsys, monkeypatch, raised, status, line, exit_code):
-    import experiments.scoring
+    import patchcore.fitting
 
-    real, calls = experiments.scoring.fit_category, []
+    real, calls = patchcore.fitting.fit_category, []
 
     def second_fails(*args, **kwargs):
         calls.append(args[1])
@@ -271,7 +271,7 @@ def test_a_failed_fit_keeps_its_results_and_says_why(tmp_path, capsys, monkeypat
             raise raised
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experiments.scoring, "fit_category", second_fails)
+    monkeypatch.setattr(patchcore.fitting, "fit_category", second_fails)
     cfg = json.loads(json.dumps(TINY))
     cfg["data"]["synthetic"]["categories"] = ["disc", "stripes"]
     code, _, err = run_cli(["fit", "--config", write_config(tmp_path, cfg), "--quiet", "--out", tmp_path / "run"], capsys)
@@ -282,13 +282,13 @@ def test_a_failed_fit_keeps_its_results_and_says_why(tmp_path, capsys, monkeypat
 
 
 def test_a_run_that_fails_before_any_work_leaves_no_folder(fitted, tmp_path, capsys, monkeypatch):
-    import experiments.scoring
+    import patchcore.fitting
 
     def fails(*args, **kwargs):
         raise DataError("no luck")
 
-    monkeypatch.setattr(experiments.scoring, "fit_category", fails)
-    monkeypatch.setattr(experiments.scoring, "score_records", fails)
+    monkeypatch.setattr(patchcore.fitting, "fit_category", fails)
+    monkeypatch.setattr(patchcore.fitting, "score_records", fails)
     code, _, err = run_cli(["fit", "--config", write_config(tmp_path, TINY), "--quiet"], capsys)
     assert _one_line_error(code, err) == "error: no luck"
     assert not any((tmp_path / "results").iterdir())  # fit-* held only config.yaml + manifest.json
@@ -308,7 +308,7 @@ def test_a_config_error_comes_before_torch_is_imported(tmp_path):
     cfg = json.loads(json.dumps(TINY))
     cfg["model"]["corset"] = {"ratio": 0.1}
     config = write_config(tmp_path, cfg)
-    probe = ("import sys; from experiments.cli import main; code = main(['fit', '--config', sys.argv[1]]); "
+    probe = ("import sys; from experiments.app.cli import main; code = main(['fit', '--config', sys.argv[1]]); "
              "print(code, sorted(m for m in ('torch', 'torchvision', 'flwr', 'ray', 'sklearn') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe, str(config)], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1])

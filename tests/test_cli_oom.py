@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import experiments.cli as cli
+import experiments.app.cli as cli
 from federated.config import ExperimentConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -82,8 +82,8 @@ def test_every_key_the_hints_name_is_a_real_config_key():
 
 def test_a_run_folder_records_the_oom_line(monkeypatch, capsys, tmp_path):
     """A command that opened its run folder and then ran out of GPU memory leaves its manifest
-    saying so, with the same line (experiments/runs.py: failures_recorded)."""
-    from experiments.runs import Manifest, new_run_dir, write_config
+    saying so, with the same line (experiments/app/runs.py: failures_recorded)."""
+    from experiments.app.runs import Manifest, new_run_dir, write_config
     from patchcore.config import load_config
 
     def fit_then_oom(args):

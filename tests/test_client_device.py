@@ -3,7 +3,7 @@
 Under Ray a client actor gets CUDA only with a GPU share (federation.client_gpus > 0): a
 zero-GPU actor may still see the GPUs (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0), so clients.app asks
 Ray what it was given. Ray is faked here (no GPU, no Ray start); tests/test_cuda.py and
-`python -m experiments.gpu_check` check the real thing on a GPU box.
+`python -m experiments.bench.gpu_check` check the real thing on a GPU box.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments.cli import main
+from experiments.app.cli import main
 
 pytestmark = pytest.mark.slow  # Ray start-up + three fits: ~30 s on 2 cores
 

@@ -1,7 +1,7 @@
 """CUDA against CPU: the same selections, neighbours and scores on both devices.
 
 Every test here is marked `cuda`: tests/conftest.py skips them ("needs a CUDA device") where torch
-sees no GPU; on a GPU box `pytest -m cuda` runs them (`python -m experiments.gpu_check` does, with
+sees no GPU; on a GPU box `pytest -m cuda` runs them (`python -m experiments.bench.gpu_check` does, with
 a report). They take seconds on a GPU.
 
 fp32 on a GPU rounds differently from the CPU (other reduction orders, fused kernels), so a greedy
@@ -126,7 +126,7 @@ def test_auto_device_is_cuda():
 
 
 def test_real_cuda_out_of_memory_is_one_line_at_the_cli(monkeypatch, capsys):
-    import experiments.cli as cli
+    import experiments.app.cli as cli
 
     def huge(args):
         torch.empty(1 << 42, dtype=torch.float32, device="cuda")  # 16 TiB: more than any GPU

@@ -14,13 +14,13 @@ import pytest
 import yaml
 from streamlit.testing.v1 import AppTest
 
-from experiments.cli import main
-from experiments.dashboard import data
-from experiments.image_results import IMAGE_COLUMNS, patch_box
+from experiments.app.cli import main
+from experiments.app.dashboard import data
+from experiments.app.image_results import IMAGE_COLUMNS, patch_box
 
 slow = pytest.mark.slow  # tests on the compare run (Ray start-up + 2-factory fits): ~40 s on 2 cores
 
-APP = str(Path(__file__).resolve().parents[1] / "experiments" / "dashboard" / "app.py")
+APP = str(Path(__file__).resolve().parents[1] / "experiments" / "app" / "dashboard" / "app.py")
 CATEGORIES = ["stripes", "disc"]
 
 
@@ -185,7 +185,7 @@ def test_cli_dashboard_runs_streamlit_headless_on_the_folder(tmp_path, monkeypat
     monkeypatch.setattr("subprocess.call", lambda cmd: calls.append(cmd) or 0)
     assert main(["dashboard", str(tmp_path), "--port", "8765"]) == 0
     cmd = calls[0]
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("experiments/dashboard/app.py")
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("experiments/app/dashboard/app.py")
     assert cmd[cmd.index("--server.port") + 1] == "8765" and cmd[cmd.index("--server.headless") + 1] == "true"
     assert cmd[-2:] == ["--", str(tmp_path.resolve())]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from experiments.report_md import LOCAL_GAP, PARITY, finding, write_report
+from experiments.app.report_md import LOCAL_GAP, PARITY, finding, write_report
 
 
 def rows(values: dict[str, tuple[float, float, float | None]]) -> list[dict]:
@@ -76,7 +76,7 @@ def test_make_demo_shows_local_below_federated_and_federated_at_centralized(tmp_
     and the report says so in its first lines."""
     import csv
 
-    from experiments.cli import main
+    from experiments.app.cli import main
 
     out = tmp_path / "demo"
     assert main(["compare", "--config", "configs/default.yaml", "--quiet", "--out", str(out)]) == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments.deploy import Deployment, SiteSpec, check_sites
+from experiments.app.deploy import Deployment, SiteSpec, check_sites
 from federated.config import ExperimentConfig
 from patchcore.config import load_config
 from patchcore.data.synthetic import make_synthetic_dataset

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from experiments.simulation import FederationError, run_federation
+from experiments.app.simulation import FederationError, run_federation
 from federated.payload import load_payload
 from patchcore.memory_bank import MemoryBank
 from tests.test_simulation import write_config
@@ -95,7 +95,7 @@ def test_resume_refuses_payloads_made_with_other_settings(crashed, tmp_path):
 
 
 def test_cli_federate_quorum_failure_is_one_line_exit_2(tmp_path, capsys):
-    from experiments.cli import main
+    from experiments.app.cli import main
 
     config = write_config(tmp_path, num_factories=3)
     code = main(["federate", "--config", str(config), "--quiet", "--out", str(tmp_path / "run"),
@@ -114,7 +114,7 @@ def test_client_gpus_on_a_cpu_machine_is_one_line_exit_2_within_a_minute(command
     """Ray could never place such a client: no hang until the round timeout, no traceback."""
     import torch
 
-    from experiments.cli import main
+    from experiments.app.cli import main
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # this CPU machine, also on a GPU box
     config = write_config(tmp_path, num_factories=3)
@@ -130,7 +130,7 @@ def test_client_gpus_on_a_cpu_machine_is_one_line_exit_2_within_a_minute(command
 
 
 def test_client_cpus_above_the_machine_is_refused_before_ray(tmp_path):
-    from experiments.simulation import check_placeable
+    from experiments.app.simulation import check_placeable
     from federated.config import ExperimentConfig
     from patchcore.config import load_config
     from patchcore.errors import ConfigError

@@ -180,7 +180,7 @@ def test_a_bank_from_before_the_weighting_key_loads_with_the_paper_embedding(tmp
 def test_a_hazelnut_bank_on_the_mvtec_layout_carries_a_threshold_and_predict_decides(tmp_path, capsys):
     if not (SHARED / "mvtec" / "hazelnut").is_dir():
         pytest.skip("shared hazelnut images absent")
-    from experiments.cli import main
+    from experiments.app.cli import main
 
     run = tmp_path / "run"
     assert main(["fit", "--config", str(REPO / "configs" / "shared_real.yaml"), "--category", "hazelnut",
@@ -202,7 +202,7 @@ def test_a_hazelnut_bank_on_the_mvtec_layout_carries_a_threshold_and_predict_dec
 def test_autovi_engine_wiring_without_masks_evaluates_image_metrics_and_names_the_skipped(tmp_path, capsys):
     if not (SHARED / "autovi" / "engine_wiring").is_dir():
         pytest.skip("shared AutoVI engine_wiring absent")
-    from experiments.cli import main
+    from experiments.app.cli import main
 
     config = tmp_path / "ew.yaml"
     config.write_text(

@@ -1,4 +1,4 @@
-"""The one-shot device check (`python -m experiments.gpu_check`): on this CPU-only machine it runs
+"""The one-shot device check (`python -m experiments.bench.gpu_check`): on this CPU-only machine it runs
 what it can, skips the GPU steps saying why, and exits 0; its verdicts on GPU results (tests that
 passed or failed, a client not on CUDA, the bench's ratio line) are checked on made-up inputs."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import gpu_check
+from experiments.bench import gpu_check
 from experiments.bench import gpu_coreset
-from experiments.gpu_report import render, write_results
+from experiments.bench.gpu_report import render, write_results
 from tests.conftest import REPO
 
 NO_GPU = not torch.cuda.is_available()
@@ -25,7 +25,7 @@ NO_GPU = not torch.cuda.is_available()
 def quick_check(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "experiments.gpu_check", "--out", str(out), "--quick"],
+    done = subprocess.run([sys.executable, "-m", "experiments.bench.gpu_check", "--out", str(out), "--quick"],
                           cwd=REPO, capture_output=True, text=True, timeout=400)
     return done, out, time.monotonic() - start
 
@@ -54,7 +54,7 @@ def test_quick_check_exits_0_and_says_gpu_steps_were_skipped(quick_check):
 
 
 def gpu_check_title(name: str) -> str:
-    from experiments.gpu_report import TITLES
+    from experiments.bench.gpu_report import TITLES
 
     return TITLES[name]
 

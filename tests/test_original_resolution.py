@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from experiments.scoring import evaluate_scored, fit_category, score_records
+from patchcore.fitting import evaluate_scored, fit_category, score_records
 from federated.config import ExperimentConfig
 from patchcore.config import build
 from patchcore.data import load_autovi

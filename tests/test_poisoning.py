@@ -1,15 +1,15 @@
 """A poisoned factory (1 of 5 sends the coreset of its defective images, or noise) is flagged by
 the server's screen, and excluding it brings the AUROC back to the clean federation's.
 
-The federation is replayed in-process on embeddings extracted once (experiments/sweeps.py), with
+The federation is replayed in-process on embeddings extracted once (experiments/research/sweeps.py), with
 the same client (`make_payload`) and server (`aggregate_all`) functions the Flower apps call."""
 
 from __future__ import annotations
 
 import pytest
 
-from experiments.replay import Replay, extract
-from experiments.sweeps import sweep_poisoning
+from experiments.research.replay import Replay, extract
+from experiments.research.sweeps import sweep_poisoning
 from federated.config import ExperimentConfig
 from federated.plan import plan_factories
 from patchcore.config import load_config

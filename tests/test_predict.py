@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import plots
-from experiments.cli import main
-from experiments.predict import THRESHOLD_SPAN, BankScorer, ColorScale, Inspection, overlay_names
+from experiments.app import plots
+from experiments.app.cli import main
+from experiments.app.predict import THRESHOLD_SPAN, BankScorer, ColorScale, Inspection, overlay_names
 from patchcore.errors import BankFormatError
 from patchcore.memory_bank import MemoryBank
 from tests.test_cli import TINY, write_config

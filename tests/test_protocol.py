@@ -183,7 +183,7 @@ def test_site_folders_in_each_layout_are_detected_and_read_whole(tiny, tmp_path,
 
 
 def test_cli_deploy_bad_site_is_one_line_exit_2_before_any_process(tiny, tmp_path, capsys):
-    from experiments.cli import main
+    from experiments.app.cli import main
 
     _, _, folder = tiny
     for site, message in ((f"plant-a={tmp_path / 'nowhere'}", "error: site plant-a: data-path "),

@@ -8,7 +8,7 @@ Skipped when the folder is absent.
 
 import pytest
 
-from experiments.scoring import fit_category, score_records
+from patchcore.fitting import fit_category, score_records
 from federated.config import ExperimentConfig
 from patchcore.config import load_config
 from patchcore.data.sources import load_records

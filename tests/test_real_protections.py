@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.replay import Replay, extract, variant as _variant
-from experiments.sweeps import sweep_poisoning
+from experiments.research.replay import Replay, extract, variant as _variant
+from experiments.research.sweeps import sweep_poisoning
 from federated.config import ExperimentConfig
 from federated.plan import plan_factories
 from patchcore.config import load_config

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.runs import Manifest, failures_recorded, new_run_dir, write_json
+from experiments.app.runs import Manifest, failures_recorded, new_run_dir, write_json
 from patchcore.config import Config
 
 

@@ -3,7 +3,7 @@
 import dataclasses
 
 import clients.app as client_app
-from experiments.simulation import backend_config
+from experiments.app.simulation import backend_config
 from federated.config import ExperimentConfig, FederationConfig
 
 

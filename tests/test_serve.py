@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import cli
-from experiments.dashboard.screenshot import Browser
-from experiments.local_server import free_port
-from experiments.predict import BankScorer, Inspection
-from experiments.scoring import fit_category, score_records
-from experiments.serve import MULTIPART_OVERHEAD, create_app
+from experiments.app import cli
+from experiments.app.dashboard.screenshot import Browser
+from experiments.app.local_server import free_port
+from experiments.app.predict import BankScorer, Inspection
+from patchcore.fitting import fit_category, score_records
+from experiments.app.serve import MULTIPART_OVERHEAD, create_app
 from federated.config import ExperimentConfig
 from patchcore.config import load_config
 from patchcore.data.images import decode_image, read_image

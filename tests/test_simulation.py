@@ -17,7 +17,7 @@ import yaml
 from flwr.app import (Array, ArrayRecord, Context, Error, Message, MessageType, Metadata,
                       RecordDict)
 
-import experiments.simulation as simulation
+import experiments.app.simulation as simulation
 from clients.app import build_client_app
 from federated.config import ExperimentConfig
 from federated.errors import QuorumError

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from experiments.cli import main
-from experiments.study.stats import auroc, paired_bootstrap
+from experiments.app.cli import main
+from experiments.research.study.stats import auroc, paired_bootstrap
 from federated.shift import restrict, sample_shift
 from tests.test_simulation import write_config
 

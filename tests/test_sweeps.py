@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from experiments.cli import main
+from experiments.app.cli import main
 from tests.test_simulation import write_config
 
 
@@ -67,7 +67,7 @@ def test_a_sweep_variant_equals_a_federation_run_of_the_same_settings(tmp_path):
     build the same global banks, and the sweep's scores are those of the real scoring path."""
     import numpy as np
 
-    from experiments.simulation import run_federation
+    from experiments.app.simulation import run_federation
     from federated.config import ExperimentConfig
     from federated.plan import plan_factories
     from patchcore.config import load_config

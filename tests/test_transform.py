@@ -101,7 +101,7 @@ def test_site_releases_clipped_vectors_plus_calibrated_noise(tmp_path):
 
 
 def test_every_manifest_carries_epsilon_delta_sigma(tmp_path):
-    from experiments.runs import Manifest
+    from experiments.app.runs import Manifest
 
     path = write_config(tmp_path)
     on = load_config(path, ExperimentConfig, {"model.transform.clip_norm": 4.0, "federation.privacy.epsilon": 1.0})

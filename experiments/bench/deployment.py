@@ -19,8 +19,8 @@ import os
 import time
 from pathlib import Path
 
-from experiments.deploy import Deployment, SiteSpec, check_sites
-from experiments.simulation import run_federation
+from experiments.app.deploy import Deployment, SiteSpec, check_sites
+from experiments.app.simulation import run_federation
 from federated.config import ExperimentConfig
 from patchcore.config import load_config
 from patchcore.data.sources import categories, data_root, load_records

@@ -14,7 +14,7 @@ start-up). The coverage radius (the largest distance of a row to its nearest pic
 D: what k-center minimises) is computed on the GPU when there is one. Without CUDA only the CPU
 part runs and the GPU part says it was skipped and why.
 
-Used by `python -m experiments.gpu_check` (step "coreset"); prints the JSON it writes.
+Used by `python -m experiments.bench.gpu_check` (step "coreset"); prints the JSON it writes.
 """
 
 from __future__ import annotations

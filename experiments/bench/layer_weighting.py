@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from experiments.runs import Manifest, new_run_dir, write_json
+from experiments.app.runs import Manifest, new_run_dir, write_json
 from patchcore.anomaly_map import to_pixel_maps
 from patchcore.backbones import FeatureExtractor
 from patchcore.config import BackboneConfig, Config, CoresetConfig, DataConfig, ModelConfig

@@ -3,7 +3,7 @@
     python -m experiments.bench.local_ratio --config configs/shared_real.yaml --out DIR \
         [--seeds 0 1 2] [--partitions iid category] [--category tire]
 
-Runs `fedpatch sweep ratio` (experiments/sweeps.py: centralized bank at global_ratio, and the
+Runs `fedpatch sweep ratio` (experiments/research/sweeps.py: centralized bank at global_ratio, and the
 federation with local_ratio = 1x, 2x, 4x global_ratio through the real rounds) once per seed and
 partition, on one shared feature cache (the backbone runs once per image), then writes
 summary.csv / summary.md: per partition and local factor, the federated minus centralized image
@@ -19,8 +19,8 @@ import shutil
 import statistics
 from pathlib import Path
 
-from experiments.cli import main as fedpatch
-from experiments.runs import new_run_dir, write_json
+from experiments.app.cli import main as fedpatch
+from experiments.app.runs import new_run_dir, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 

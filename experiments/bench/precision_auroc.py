@@ -25,7 +25,7 @@ import yaml  # noqa: E402
 import patchcore.backbones as backbones  # noqa: E402
 import patchcore.model  # noqa: E402
 from patchcore.features import embed, embed_by_convolution, embed_by_patches  # noqa: E402
-from experiments.scoring import fit_category, score_records  # noqa: E402
+from patchcore.fitting import fit_category, score_records  # noqa: E402
 from federated.config import ExperimentConfig  # noqa: E402
 from patchcore.config import Config, load_config  # noqa: E402
 from patchcore.data.sources import data_root, load_records  # noqa: E402

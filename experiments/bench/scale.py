@@ -3,7 +3,7 @@
     python -m experiments.bench.scale [--factories 100] [--size 64] [--config configs/default.yaml]
         [--out results/bench-scale] [--set key=value ...]
 
-Runs `experiments.simulation.run_federation` (Flower + Ray, the real ClientApp and ServerApp) on
+Runs `experiments.app.simulation.run_federation` (Flower + Ray, the real ClientApp and ServerApp) on
 the synthetic factories with `--factories` clients, each holding at least one training image per
 category, and polls /proc every 0.5 s for the process tree (this process, Ray's GCS, raylet,
 workers): the peak of the summed RSS (counts shared pages once per process: an upper bound) and
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from experiments.simulation import descendants, run_federation  # noqa: E402
+from experiments.app.simulation import descendants, run_federation  # noqa: E402
 
 
 def _kib(path: Path, field: str) -> int:

@@ -25,14 +25,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from experiments.local_server import free_port, stop
+from experiments.app.local_server import free_port, stop
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def fit_default_bank(work: Path) -> tuple[Path, Path]:
     """A disc bank fitted on synthetic images under `work`; returns (bank, test image folder)."""
-    from experiments.cli import main
+    from experiments.app.cli import main
 
     root = work / "synthetic"
     code = main(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--category", "disc", "--quiet",
@@ -50,7 +50,7 @@ def synthetic_images(work: Path) -> Path:
 
 def start_server(bank: Path, port: int, device: str) -> subprocess.Popen:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    cmd = [sys.executable, "-m", "experiments.cli", "serve", str(bank), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "experiments.app.cli", "serve", str(bank), "--host", "127.0.0.1",
            "--port", str(port), "--device", device]
     return subprocess.Popen(cmd, cwd=REPO, env=env)
 
