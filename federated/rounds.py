@@ -30,6 +30,7 @@ from federated.server_logic import (aggregate_all, aggregation_summary, load_rec
                                     save_global_banks, save_received, upload_stats,
                                     write_federation_json, write_run_config)
 from federated.site import Site
+from patchcore.bank_metadata import bank_metadata as patchcore_bank_metadata
 from patchcore.config import to_dict
 from patchcore.errors import ConfigError
 from patchcore.model import backbone_id as model_backbone_id
@@ -300,7 +301,8 @@ def calibrate_global_banks(run_dir: Path, config: ExperimentConfig,
     threshold.quantile of their pooled image scores under that bank (the sites sent scores,
     never images), written into the bank's metadata. {category: what was calibrated on}."""
     from patchcore.memory_bank import MemoryBank
-    from patchcore.threshold import calibrate_threshold
+    from patchcore.bank_metadata import set_threshold
+    from patchcore.threshold import Threshold, calibrate_threshold
 
     out: dict[str, Any] = {}
     for category, by_factory in sorted(scores.items()):
@@ -312,7 +314,7 @@ def calibrate_global_banks(run_dir: Path, config: ExperimentConfig,
                    "factories": sorted(by_factory, key=natural_key)}
         path = run_dir / "federated" / "banks" / category
         bank = MemoryBank.load(path)
-        bank.metadata["threshold"] = {"value": threshold.value, "method": threshold.method, "details": details}
+        set_threshold(bank.metadata, Threshold(threshold.value, threshold.method, details))
         bank.save(path)
         out[category] = {"threshold": threshold.value, "num_normal": len(pooled), "factories": details["factories"]}
     return out
@@ -321,8 +323,7 @@ def calibrate_global_banks(run_dir: Path, config: ExperimentConfig,
 def bank_metadata(config: ExperimentConfig, backbone_id: str, category: str,
                   accepted: Sequence[Payload]) -> dict[str, Any]:
     """What `PatchCore.from_bank` and a reader need besides the aggregation summary."""
-    return {"model": to_dict(config.model), "seed": config.seed, "backbone_id": backbone_id,
-            "category": category, "federated": True,
-            "num_patches": sum(p.num_patches for p in accepted),
-            "num_train_images": sum(p.num_images for p in accepted),
-            "preprocess": {"resize": config.data.resize, "crop": config.data.crop}}
+    return patchcore_bank_metadata(config.model, config.seed, backbone_id, category=category, federated=True,
+                                   num_patches=sum(p.num_patches for p in accepted),
+                                   num_train_images=sum(p.num_images for p in accepted),
+                                   resize=config.data.resize, crop=config.data.crop)

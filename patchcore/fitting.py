@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from patchcore.bank_metadata import bank_metadata, set_threshold
 from patchcore.config import Config
 from patchcore.data import ImageRecord, PairTransform
 from patchcore.evaluation import ScoredSet, evaluate_scored, loader_for, score_records
@@ -60,11 +61,10 @@ def fit_category(config: Config, category: str, records: Sequence[ImageRecord],
     model = model or PatchCore(config.model, device=config.device, seed=config.seed)
     train = [r for r in records if r.split == "train"]
     features = model.extract(loader_for(train, config, shifts), progress, desc=f"extract {category}")
-    meta = {"category": category, "num_train_images": len(train), "preprocess": {
-        "resize": config.data.resize, "crop": config.data.crop}}
-    model.set_bank(model.subsample(features, progress=progress), meta, num_patches=len(features))
+    meta = bank_metadata(model.config, model.seed, model.backbone_id, category=category, num_patches=len(features),
+                         num_train_images=len(train), resize=config.data.resize, crop=config.data.crop)
+    model.set_bank(model.subsample(features, progress=progress), meta)
     calibrated = calibrate(model, [r for r in records if r.split == "validation"], config, shifts, progress)
     if calibrated is not None:
-        model.bank.metadata["threshold"] = calibrated[0].to_dict()
-        model.bank.metadata["display_range"] = calibrated[1]
+        set_threshold(model.bank.metadata, *calibrated)
     return model, features

@@ -15,9 +15,10 @@ from typing import Any, Iterable
 import torch
 
 from patchcore.anomaly_map import to_pixel_maps
+from patchcore.bank_metadata import model_metadata
 from patchcore.backbones import FeatureExtractor, default_weighting, layer_channels
 from patchcore.cache import FeatureCache
-from patchcore.config import ModelConfig, TransformConfig, build, to_dict
+from patchcore.config import ModelConfig, TransformConfig, build
 from patchcore.coreset import coreset_size, greedy_coreset
 from patchcore.errors import BankFormatError, ConfigError
 from patchcore.extraction import extract_features
@@ -175,8 +176,7 @@ class PatchCore:
 
     def set_bank(self, features: torch.Tensor, metadata: dict[str, Any] | None = None, **extra: Any) -> MemoryBank:
         """Install (M, D) features as the bank, with the metadata needed to rebuild the model."""
-        meta = {"model": to_dict(self.config), "seed": self.seed, "backbone_id": self.backbone_id, **extra}
-        meta.update(metadata or {})
+        meta = {**model_metadata(self.config, self.seed, self.backbone_id), **extra, **(metadata or {})}
         self.bank = MemoryBank(features, meta, nn_backend=self.config.nn_backend, ivfpq=self.config.ivfpq,
                                nn_precision=self.config.nn_precision).to(self.device)
         return self.bank
