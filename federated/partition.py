@@ -205,7 +205,9 @@ def _check_min_train(shards: list[FactoryShard], scheme: str, min_train: int,
     short = [s for s in shards if len(s.train) < min_train]
     if not short:
         return
-    names = ", ".join(f"{s.name} ({len(s.train)})" for s in short)
+    names = ", ".join(f"{s.name} ({len(s.train)})" for s in short[:5])
+    if len(short) > 5:  # the error stays one readable line however many factories are short
+        names += f" and {len(short) - 5} more"
     hint = {
         "dirichlet": f"a larger alpha (now {alpha})",
         "quantity": f"a smaller quantity_exponent (now {quantity_exponent})",

@@ -156,6 +156,15 @@ def test_min_train_error_names_factory_scheme_and_fix() -> None:
         partition(make_records(), 8, "dirichlet", seed=0, alpha=0.01, min_train=20)
 
 
+def test_min_train_error_stays_one_short_line_for_many_factories() -> None:
+    records = make_records(categories=("a",), n_train=3, n_val=0, n_test=2)
+    with pytest.raises(PartitionError) as err:
+        partition(records, 500, "iid", seed=0)  # 497 factories without a training image
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    assert msg.count("factory-") == 5 and "and 492 more" in msg
+
+
 def test_unknown_scheme_lists_valid_ones() -> None:
     with pytest.raises(ConfigError, match="iid, category, dirichlet, quantity"):
         partition(make_records(), 2, "shards", seed=0)
