@@ -4,72 +4,104 @@
 how much each factory sends and how the server aggregates, and what Ray gives each client.
 
 Import-light on purpose (no torch, no flwr): the CLI loads and checks a config before any heavy
-library, so a typo is reported at once. The names the config accepts for aggregation and the
-poisoning screen live here for that reason; federated/aggregation.py and robust.py import them.
+library, so a typo is reported at once. The names the config accepts for aggregation, the
+poisoning screen, shift families and payload encodings live here for that reason (the one list
+of each): federated/aggregation.py, robust.py, shift.py and payload.py import them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-from patchcore.config import Config
-from patchcore.errors import ConfigError
+from pydantic import BeforeValidator, Field, model_validator
+
+from patchcore.config import Config, Section, StrList, as_tuple, invalid
 
 from federated.faults import parse_faults
 from federated.partition import SCHEMES
 
 AGGREGATIONS: tuple[str, ...] = ("coreset_of_coresets", "concat", "random")  # federated/aggregation.py
 POISON_MODES: tuple[str, ...] = ("off", "flag", "exclude", "filter")  # federated/robust.py
+SHIFT_FAMILIES: tuple[str, ...] = ("photometric", "illumination", "geometric")  # federated/shift.py
+PAYLOAD_DTYPES: tuple[str, ...] = ("float16", "float32", "int8")  # federated/payload.py
 # federation.local_factor default. Measured (experiments/studies/federated_parity.md: tire, 10%
 # global ratio, iid and category partitions): 2x and 4x bought no AUROC or coverage-radius parity
 # over 1x, at 2x and 4x the upload; a factory's coreset is the global share of its patches.
 LOCAL_FACTOR = 1.0
 
 
-@dataclass(frozen=True)
-class PrivacyConfig:
+class PrivacyConfig(Section):
     """Differential privacy on the vectors a factory sends (federated/privacy.py). Off while
     epsilon is null; on, it needs model.transform.clip_norm (the same clipping then also applies
     to the centralized baseline, so comparisons stay fair)."""
 
-    epsilon: float | None = None  # null: no noise
-    delta: float = 1e-5
+    epsilon: float | None = Field(None, gt=0, description="privacy budget of what a factory sends (null: no "
+                                                          "noise); needs model.transform.clip_norm")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the (epsilon, delta) guarantee's failure probability")
 
 
-@dataclass(frozen=True)
-class FederationConfig:
-    num_factories: int = 4
-    partition: str = "iid"  # iid | category | dirichlet | quantity
-    alpha: float = 0.5  # dirichlet concentration
-    quantity_exponent: float = 1.5  # quantity: share_k ∝ (k+1)^-exponent
-    domain_shift: bool = False  # per-factory photometric + geometric shift
-    shift_strength: float = 1.0
-    shift_families: tuple[str, ...] = ("photometric", "illumination", "geometric")  # which parts of a shift
-    shifted_factories: int | None = None  # only the first k factories are shifted (null: all)
+class FederationConfig(Section):
+    num_factories: int = Field(4, ge=1, description="simulated factories (one federated client each)")
+    partition: Literal[SCHEMES] = Field(
+        "iid", description="how images are split among factories: iid, category (each its own products), "
+                           "dirichlet (label skew, see alpha), quantity (power-law sizes)")
+    alpha: float = Field(0.5, gt=0, description="dirichlet partition: concentration (small: a few factories "
+                                                "build most of a product)")
+    quantity_exponent: float = Field(1.5, ge=0, description="quantity partition: factory k's share is "
+                                                            "proportional to (k+1)^-exponent")
+    domain_shift: bool = Field(False, description="give each factory its own camera: a seeded photometric, "
+                                                  "illumination and geometric shift")
+    shift_strength: float = Field(1.0, description="scale of the drawn domain shifts")
+    shift_families: Annotated[tuple[Literal[SHIFT_FAMILIES], ...], BeforeValidator(as_tuple)] = Field(
+        SHIFT_FAMILIES, min_length=1, description="which parts of a domain shift are applied")
+    shifted_factories: int | None = Field(None, ge=0, description="only the first k factories are shifted "
+                                                                  "(null: every factory)")
     # each factory's coreset, as a fraction of its patches; null: local_factor x global_ratio
     # (capped at 1), the multiple measured to give the centralized bank's AUROC at equal bank
     # size (experiments/studies/federated_parity.md)
-    local_ratio: float | None = None
-    local_factor: float = LOCAL_FACTOR
-    global_ratio: float = 0.1  # the global bank, as a fraction of all factories' patches
-    aggregation: str = "coreset_of_coresets"  # coreset_of_coresets | concat | random
-    payload_dtype: str = "float16"  # float32 | float16 | int8 (per-vector scale)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    min_clients: int = 1  # fewer factories with valid payloads: the round fails, no bank
-    max_vectors: int | None = None  # per payload; null: the local coreset size of its patches
-    max_bytes: int | None = None  # per payload (features + scales as sent); null: no cap
-    poison_mode: str = "flag"  # off | flag (report only) | exclude | filter (drop outlying vectors)
-    poison_quantile: float = 0.99  # statistic: this quantile of leave-one-out NN distances (robust.py)
-    poison_threshold: float = 3.5  # flag a factory whose robust z-score exceeds this
-    faults: tuple[str, ...] = ()  # injected faults "K:kind" (federated/faults.py)
-    hang_s: float = 600.0  # how long a `hang` fault sleeps
-    client_cpus: float = 1.0  # Ray resources per client actor
-    client_gpus: float = 0.0
-    ray_address: str = ""  # empty: a local Ray instance (or RAY_ADDRESS)
-    node_timeout_s: float = 120.0  # how long the server waits for the expected nodes
-    identify_timeout_s: float = 120.0  # how long it waits for the sites to say who they are
-    round_timeout_s: float = 3600.0  # how long it waits for replies in the train and evaluate rounds
-    local_only: bool = True  # also fit each factory alone, for the comparison
+    local_ratio: float | None = Field(None, gt=0, le=1, description="each factory's coreset as a share of its "
+                                                                    "patches (null: local_factor x global_ratio)")
+    local_factor: float = Field(LOCAL_FACTOR, ge=1, description="local_ratio when null: this multiple of "
+                                                                "global_ratio, capped at 1")
+    global_ratio: float = Field(0.1, gt=0, le=1, description="the global bank as a share of all factories' patches")
+    aggregation: Literal[AGGREGATIONS] = Field(
+        "coreset_of_coresets", description="how the server merges the factories' coresets: a coreset of "
+                                           "their union, their concatenation, or a random subset")
+    payload_dtype: Literal[PAYLOAD_DTYPES] = Field(
+        "float16", description="encoding of the vectors a factory sends (int8: per-vector scale)")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="differential privacy")
+    min_clients: int = Field(1, ge=1, description="fewer factories with valid payloads: the round fails, no bank")
+    max_vectors: int | None = Field(None, ge=1, description="largest payload the server accepts, in vectors "
+                                                            "(null: the local coreset size of its patches)")
+    max_bytes: int | None = Field(None, ge=1, description="largest payload the server accepts, in bytes "
+                                                          "(features + scales; null: no cap)")
+    poison_mode: Literal[POISON_MODES] = Field(
+        "flag", description="poisoning screen: off, flag (report only), exclude (drop the factory), filter "
+                            "(drop its outlying vectors)")
+    poison_quantile: float = Field(0.99, gt=0, le=1, description="screen statistic: this quantile of "
+                                                                 "leave-one-out NN distances")
+    poison_threshold: float = Field(3.5, gt=0, description="flag a factory whose robust z-score exceeds this")
+    faults: StrList = Field((), description='injected faults, "K:kind" or "NAME:kind" (kind: crash, hang, '
+                                            "empty, noise, defects; federated/faults.py)",
+                            json_schema_extra={"allowed": "K < num_factories, each factory once"})
+    hang_s: float = Field(600.0, ge=0, description="how long a hang fault sleeps, in seconds")
+    client_cpus: float = Field(1.0, gt=0, description="Ray CPUs per client actor")
+    client_gpus: float = Field(0.0, ge=0, description="Ray GPUs per client actor (fractions share a GPU)")
+    ray_address: str = Field("", description='Ray cluster to join ("": a local Ray instance, or RAY_ADDRESS)')
+    node_timeout_s: float = Field(120.0, gt=0, description="how long the server waits for the expected nodes")
+    identify_timeout_s: float = Field(120.0, gt=0, description="how long the server waits for the sites to say "
+                                                               "who they are")
+    round_timeout_s: float = Field(3600.0, gt=0, description="how long the server waits for replies in the "
+                                                             "train and evaluate rounds")
+    local_only: bool = Field(True, description="compare: also fit each factory alone, for the comparison")
+
+    @model_validator(mode="after")
+    def _clients_and_faults(self) -> "FederationConfig":
+        if self.min_clients > self.num_factories:
+            raise invalid(f"must be <= federation.num_factories ({self.num_factories}), got {self.min_clients}",
+                          "min_clients")
+        parse_faults(self.faults, self.num_factories)  # ConfigError naming federation.faults
+        return self
 
     @property
     def local(self) -> float:
@@ -79,47 +111,15 @@ class FederationConfig:
         return min(1.0, self.local_factor * self.global_ratio)
 
 
-@dataclass(frozen=True)
 class ExperimentConfig(Config):
-    federation: FederationConfig = field(default_factory=FederationConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig, description="the federation")
 
-    def validate(self) -> None:
-        super().validate()
-        f = self.federation
-        checks = [
-            (f.num_factories >= 1, "federation.num_factories", "must be >= 1"),
-            (f.partition in SCHEMES, "federation.partition", f"must be one of {', '.join(SCHEMES)}"),
-            (f.alpha > 0, "federation.alpha", "must be > 0"),
-            (len(f.shift_families) > 0 and set(f.shift_families) <= {"photometric", "illumination", "geometric"},
-             "federation.shift_families", "must name some of photometric, illumination, geometric"),
-            (f.shifted_factories is None or f.shifted_factories >= 0, "federation.shifted_factories",
-             "must be >= 0 (null: every factory)"),
-            (f.local_ratio is None or 0.0 < f.local_ratio <= 1.0, "federation.local_ratio", "must be in (0, 1] (null: local_factor x global_ratio)"),
-            (f.local_factor >= 1.0, "federation.local_factor", "must be >= 1 (a factory keeps at least the global share)"),
-            (0.0 < f.global_ratio <= 1.0, "federation.global_ratio", "must be in (0, 1]"),
-            (f.aggregation in AGGREGATIONS, "federation.aggregation", f"must be one of {', '.join(AGGREGATIONS)}"),
-            (f.payload_dtype in ("float32", "float16", "int8"), "federation.payload_dtype", "must be float32, float16 or int8"),
-            (f.min_clients >= 1, "federation.min_clients", "must be >= 1"),
-            (f.min_clients <= f.num_factories, "federation.min_clients", "must be <= federation.num_factories"),
-            (f.max_vectors is None or f.max_vectors >= 1, "federation.max_vectors", "must be >= 1"),
-            (f.max_bytes is None or f.max_bytes >= 1, "federation.max_bytes", "must be >= 1"),
-            (f.poison_mode in POISON_MODES, "federation.poison_mode", f"must be one of {', '.join(POISON_MODES)}"),
-            (0.0 < f.poison_quantile <= 1.0, "federation.poison_quantile", "must be in (0, 1]"),
-            (f.poison_threshold > 0, "federation.poison_threshold", "must be > 0"),
-            (f.hang_s >= 0, "federation.hang_s", "must be >= 0"),
-            (f.privacy.epsilon is None or f.privacy.epsilon > 0, "federation.privacy.epsilon", "must be > 0 (null: off)"),
-            (0.0 < f.privacy.delta < 1.0, "federation.privacy.delta", "must be in (0, 1)"),
-            (f.privacy.epsilon is None or self.model.transform.clip_norm is not None, "federation.privacy.epsilon",
-             "needs model.transform.clip_norm (noise is calibrated to the clipped vectors)"),
-            (f.client_cpus > 0 and f.client_gpus >= 0, "federation.client_cpus", "must be > 0 (client_gpus >= 0)"),
-            (f.node_timeout_s > 0, "federation.node_timeout_s", "must be > 0"),
-            (f.identify_timeout_s > 0, "federation.identify_timeout_s", "must be > 0"),
-            (f.round_timeout_s > 0, "federation.round_timeout_s", "must be > 0"),
-        ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ConfigError(f"{key} {message}")
-        parse_faults(f.faults, f.num_factories)
+    @model_validator(mode="after")
+    def _privacy_needs_clipping(self) -> "ExperimentConfig":
+        if self.federation.privacy.epsilon is not None and self.model.transform.clip_norm is None:
+            raise invalid("needs model.transform.clip_norm (noise is calibrated to the clipped vectors)",
+                          "federation.privacy.epsilon")
+        return self
 
     def privacy_spec(self):  # -> federated.privacy.PrivacySpec | None
         """The (ε, δ, σ) of what factories release; None when privacy is off."""

@@ -26,14 +26,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from federated.config import PAYLOAD_DTYPES
 from federated.errors import PayloadError
 from patchcore import strict_json
 from patchcore.errors import ConfigError
 from patchcore.memory_bank import atomic_write_bytes
 
 PAYLOAD_FORMAT_VERSION = 1
-DTYPES: dict[str, np.dtype] = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32),
-                               "int8": np.dtype(np.int8)}
+DTYPES: dict[str, np.dtype] = {name: np.dtype(name) for name in PAYLOAD_DTYPES}  # the config's list
 CONFIG_KEYS: tuple[str, ...] = ("num_patches", "num_images", "feature_dim", "backbone_id",
                                 "factory_id", "format_version")
 ARRAY_KEYS: tuple[str, ...] = ("features",)

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from federated.config import SHIFT_FAMILIES
 from federated.partition import factory_name
 from patchcore.errors import ConfigError
 
@@ -156,8 +157,8 @@ def sample_shift(factory_index: int, seed: int, strength: float = 1.0) -> Domain
     )
 
 
-# The shift families a study can turn on alone: what each keeps of a drawn shift.
-FAMILIES = ("photometric", "illumination", "geometric")
+# The shift families a study can turn on alone: what each keeps of a drawn shift (the config's list).
+FAMILIES = SHIFT_FAMILIES
 
 
 def restrict(shift: DomainShift, families: tuple[str, ...] | list[str]) -> DomainShift:

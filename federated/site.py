@@ -12,7 +12,6 @@ the same for the Flower ClientApp and the in-process transport.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import zlib
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from federated.protocol import (EVALUATE, IDENTIFY, TRAIN, EvaluateReply, Evalua
 from federated.payload import Payload, encode
 from federated.privacy import PrivacySpec, privatize
 from patchcore.cache import FeatureCache
+from patchcore.config import DATA_FORMATS, replace
 from patchcore.data import ImageRecord, PairTransform
 from patchcore.data.mvtec import list_categories
 from patchcore.data.sources import load_records
@@ -74,7 +74,7 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
 
 
-FORMATS = ("mvtec", "mvtec3d", "autovi")
+FORMATS = tuple(f for f in DATA_FORMATS if f != "synthetic")  # a site's own images: mvtec, mvtec3d, autovi
 
 
 def detect_format(root: Path) -> str:
@@ -104,8 +104,8 @@ def folder_shard(config: ExperimentConfig, path: str | Path, name: str, data_for
     if not held:
         raise DataError(f"site {name}: no category folder under {root} "
                         f"(looked for {', '.join(wanted) if wanted else 'any'})")
-    data = dataclasses.replace(config.data, root=str(root), format=data_format, categories=tuple(held))
-    config = dataclasses.replace(config, data=data)
+    data = replace(config.data, root=str(root), format=data_format, categories=tuple(held))
+    config = config.model_copy(update={"data": data})
     records = [r.with_domain(name) for c in held
                for r in load_records(data, root, c, config.threshold.holdout, config.seed)]
     shard = FactoryShard(factory_id=-1, site_name=name,

@@ -28,11 +28,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from patchcore.config import MODEL_PRECISIONS as PRECISIONS
 from patchcore.errors import ConfigError, WeightsError
 
-# Backbone forward precision (model.precision). Reduced precision runs under torch.autocast:
-# bfloat16 is the one CPUs accelerate (AVX-512 BF16 / AMX), float16 the one GPUs do.
-PRECISIONS = ("float32", "bfloat16", "float16")
+# Backbone forward precision (model.precision; PRECISIONS is the config's list). Reduced precision
+# runs under torch.autocast: bfloat16 is the one CPUs accelerate (AVX-512 BF16 / AMX), float16 the one GPUs do.
 # channels_last (NHWC) convolutions by default: 1.3-1.5x faster on the CPU here, AUROC unchanged
 # (tire and hazelnut, to 4 decimals; experiments/studies/speed_extraction_scale.md).
 CHANNELS_LAST = True

@@ -51,13 +51,13 @@ from __future__ import annotations
 
 import torch
 
+from patchcore.config import CORESET_METHODS as METHODS  # the config's lists: one of each
+from patchcore.config import CORESET_PRECISIONS as PRECISIONS
+from patchcore.config import CORESET_PRUNING as PRUNING
 from patchcore.distances import nearest_neighbours, squared_norms
 from patchcore.errors import ConfigError
 from patchcore.progress import track
 
-METHODS = ("approximate", "exact")
-PRECISIONS = ("float32", "bfloat16")
-PRUNING = ("auto", "on", "off")
 PRUNE_DIMS = 16  # principal directions of the lower bound (p=16: ~1.3% of points gathered per step on tire)
 PRUNE_SAMPLE = 16384  # rows the covariance of the basis is estimated from (any orthonormal basis is valid)
 

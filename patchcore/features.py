@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from patchcore.config import LAYER_WEIGHTINGS
+
 
 def patchify(x: torch.Tensor, patch_size: int = 3, stride: int = 1) -> tuple[torch.Tensor, tuple[int, int]]:
     """(B, C, h, w) -> patches (B, h'·w', C, p, p) and the patch grid (h', w')."""
@@ -68,7 +70,7 @@ def resize_grid(x: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> 
     return grid.reshape(b, k, dst[0] * dst[1]).transpose(1, 2)
 
 
-WEIGHTINGS = ("paper", "concat", "balanced")
+WEIGHTINGS = tuple(w for w in LAYER_WEIGHTINGS if w != "auto")  # the config's list: paper, concat, balanced
 
 
 def embed(

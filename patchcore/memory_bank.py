@@ -27,13 +27,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from patchcore import strict_json
-from patchcore.config import IvfPqConfig
+from patchcore.config import NN_BACKENDS, NN_PRECISIONS, IvfPqConfig
 from patchcore.distances import Bf16Search, fast_bf16, nearest_neighbours
 from patchcore.errors import BankFormatError, ConfigError
 
 BANK_FORMAT_VERSION = 1
-NN_BACKENDS = ("torch", "faiss", "faiss_ivfpq")
-NN_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def _import_faiss(backend: str):

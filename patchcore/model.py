@@ -9,7 +9,6 @@ and turns the patch-score grid into a pixel map at the input crop's size (biline
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterable
 
 import torch
@@ -78,7 +77,7 @@ def backbone_id(config: ModelConfig) -> str:
 
 def raw_backbone_id(config: ModelConfig) -> str:
     """The id of the embeddings before model.transform (clip, projection): the feature cache's."""
-    return backbone_id(dataclasses.replace(config, transform=TransformConfig()))
+    return backbone_id(config.model_copy(update={"transform": TransformConfig()}))
 
 
 def subsample(features: torch.Tensor, config: ModelConfig, seed: int, ratio: float | None = None,

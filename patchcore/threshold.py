@@ -13,10 +13,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from patchcore.config import THRESHOLD_METHODS as METHODS  # the config's list
 from patchcore.errors import ConfigError, DataError
 from patchcore.metrics import f1_max, to_numpy
-
-METHODS = ("f1", "quantile")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ real allocation failure is tests/test_cuda.py's, on a GPU)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -57,10 +56,10 @@ def test_cuda_oom_is_one_line_with_the_setting_to_change(monkeypatch, capsys, ki
 
 def _config_keys(cls, prefix: str = "") -> set[str]:
     keys = set()
-    for f in dataclasses.fields(cls):
-        keys.add(prefix + f.name)
-        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
-            keys |= _config_keys(f.type, prefix + f.name + ".")
+    for name, field in cls.model_fields.items():
+        keys.add(prefix + name)
+        if isinstance(field.annotation, type) and hasattr(field.annotation, "model_fields"):
+            keys |= _config_keys(field.annotation, prefix + name + ".")
     return keys
 
 

@@ -131,9 +131,8 @@ def test_config_precision_is_validated():
 
     ok = Config(data=DataConfig(format="synthetic"), model=ModelConfig(coreset=CoresetConfig(precision="bfloat16")))
     ok.validate()
-    bad = Config(data=DataConfig(format="synthetic"), model=ModelConfig(coreset=CoresetConfig(precision="half")))
-    with pytest.raises(ConfigError, match="model.coreset.precision"):
-        bad.validate()
+    with pytest.raises(ConfigError, match="model.coreset.precision"):  # a config is checked as it is built
+        Config(data=DataConfig(format="synthetic"), model=ModelConfig(coreset=CoresetConfig(precision="half")))
 
 
 def test_approximate_mode_identical_to_reference_loop_over_many_argmax_blocks():
@@ -224,9 +223,8 @@ def test_config_pruning_is_validated():
     from patchcore.config import Config, CoresetConfig, DataConfig, ModelConfig
 
     Config(data=DataConfig(format="synthetic"), model=ModelConfig(coreset=CoresetConfig(pruning="off"))).validate()
-    bad = Config(data=DataConfig(format="synthetic"), model=ModelConfig(coreset=CoresetConfig(pruning="sometimes")))
-    with pytest.raises(ConfigError, match="model.coreset.pruning"):
-        bad.validate()
+    with pytest.raises(ConfigError, match="model.coreset.pruning"):  # a config is checked as it is built
+        Config(data=DataConfig(format="synthetic"), model=ModelConfig(coreset=CoresetConfig(pruning="sometimes")))
 
 
 @pytest.mark.slow

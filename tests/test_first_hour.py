@@ -237,5 +237,5 @@ def test_local_ratio_defaults_to_a_multiple_of_the_global_one(tmp_path):
     assert load_config(path, ExperimentConfig, {"federation.global_ratio": 0.6,
                                                 "federation.local_factor": 2.0}).federation.local == 1.0  # capped
     assert load_config(path, ExperimentConfig, {"federation.local_ratio": 0.3}).federation.local == 0.3  # explicit wins
-    with pytest.raises(ConfigError, match="federation.local_factor must be >= 1"):
+    with pytest.raises(ConfigError, match="federation.local_factor: must be >= 1"):
         load_config(path, ExperimentConfig, {"federation.local_factor": 0.5})

@@ -1,7 +1,5 @@
 """Scale plumbing: Ray resources and cluster address from config/env, bounded Site cache per worker."""
 
-import dataclasses
-
 import clients.app as client_app
 from experiments.app.simulation import backend_config
 from federated.config import ExperimentConfig, FederationConfig
@@ -46,7 +44,7 @@ def test_site_cache_per_worker_is_bounded(monkeypatch):
     monkeypatch.setattr(client_app, "plan_factories", lambda cfg: FakePlan())
     monkeypatch.setattr(client_app, "MAX_SITES", 3)
     monkeypatch.setattr(client_app, "_CACHE", {"key": None, "plan": None, "model": None, "sites": {}})
-    cfg = dataclasses.replace(config(num_factories=10), seed=123)
+    cfg = config(num_factories=10).model_copy(update={"seed": 123})
     node = lambda k: {"partition-id": k, "num-partitions": 10}  # noqa: E731
     first = client_app.site_for(cfg, node(0))
     for factory in range(1, 10):

@@ -68,15 +68,15 @@ def test_backbone_id_names_the_transform_and_the_bank_must_match():
 
 def test_privacy_config_is_checked_with_the_key_named(tmp_path):
     path = write_config(tmp_path)
-    with pytest.raises(ConfigError, match="federation.privacy.epsilon needs model.transform.clip_norm"):
+    with pytest.raises(ConfigError, match="federation.privacy.epsilon: needs model.transform.clip_norm"):
         load_config(path, ExperimentConfig, {"federation.privacy.epsilon": 1.0})
-    with pytest.raises(ConfigError, match="federation.privacy.epsilon must be > 0"):
+    with pytest.raises(ConfigError, match="federation.privacy.epsilon: must be > 0"):
         load_config(path, ExperimentConfig, {"federation.privacy.epsilon": -1.0, "model.transform.clip_norm": 5.0})
     with pytest.raises(ConfigError, match="federation.faults entry '9:crash': factory 9 does not exist"):
         load_config(path, ExperimentConfig, {"federation.faults": ["9:crash"]})
-    with pytest.raises(ConfigError, match="federation.min_clients must be <= federation.num_factories"):
+    with pytest.raises(ConfigError, match="federation.min_clients: must be <= federation.num_factories"):
         load_config(path, ExperimentConfig, {"federation.min_clients": 4})
-    with pytest.raises(ConfigError, match="federation.poison_mode must be one of"):
+    with pytest.raises(ConfigError, match="federation.poison_mode: must be one of"):
         load_config(path, ExperimentConfig, {"federation.poison_mode": "ban"})
 
 

@@ -28,7 +28,6 @@ Writes results.csv (one row per category, preprocessing, method, seed), summary.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -216,7 +215,7 @@ def main(argv=None) -> int:
                               require_masks=fmt != "autovi")
             records = load_records(data, root, category)
             if crop is None and isinstance(resize, int):  # whole image: one (h, w) for the category
-                data = dataclasses.replace(data, resize=common_size(records, model_preprocess(data)))
+                data = data.model_copy(update={"resize": common_size(records, model_preprocess(data))})
             train = [r for r in records if r.split in ("train", "validation") and r.label == 0]
             test = [r for r in records if r.split == "test"]
             preprocess = model_preprocess(data)
@@ -230,7 +229,7 @@ def main(argv=None) -> int:
                 train_emb, grid = embeddings(train_maps, weighting)
                 test_emb, _ = embeddings(test_maps, weighting)
                 features = train_emb.flatten(0, 1)
-                model = dataclasses.replace(base.model, layer_weighting=weighting)
+                model = base.model.model_copy(update={"layer_weighting": weighting})
                 for seed in args.seeds:
                     t0 = time.time()
                     bank = MemoryBank(subsample(features, model, seed))

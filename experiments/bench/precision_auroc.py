@@ -12,7 +12,6 @@ difference to fp32. The rule: an option may become default only if it moves AURO
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ VARIANTS = {"fp32": ("float32", False), "channels_last": ("float32", True), "fp3
 
 def run_variant(config: Config, name: str, categories: list[str]) -> dict[str, dict[str, float]]:
     precision, nhwc = VARIANTS[name]
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, precision=precision))
+    config = config.model_copy(update={"model": config.model.model_copy(update={"precision": precision})})
     backbones.CHANNELS_LAST = nhwc  # the extractor's default memory format
     # the reference patch-by-patch embedding instead of the default convolution route (the paper's
     # weighting; other weightings keep their own embedding)

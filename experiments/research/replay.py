@@ -257,9 +257,8 @@ def variant(base: ExperimentConfig, **changes: Any) -> ExperimentConfig:
         objs = [config]
         for p in parts:
             objs.append(getattr(objs[-1], p))
-        new = dataclasses.replace(objs[-1], **{key: value})
+        new = objs[-1].model_copy(update={key: value})  # not validated: checked whole below
         for obj, p in zip(reversed(objs[:-1]), reversed(parts)):
-            new = dataclasses.replace(obj, **{p: new})
+            new = obj.model_copy(update={p: new})
         config = new
-    config.validate()
-    return config
+    return config.validate()

@@ -22,7 +22,6 @@ results/sweep-<kind>-*/.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import shutil
 import time
@@ -34,7 +33,7 @@ import numpy as np
 from experiments.research.replay import Replay, extract, variant
 from experiments.app.reports import format_table, write_table
 from experiments.app.runs import Manifest, new_run_dir, write_json
-from federated.config import ExperimentConfig
+from federated.config import POISON_MODES, ExperimentConfig
 from federated.partition import factory_name
 from federated.plan import plan_factories
 from patchcore.config import TransformConfig, load_config
@@ -46,7 +45,6 @@ KINDS = ("privacy", "encoding", "poisoning", "ratio")
 LOCAL_FACTORS = (1.0, 2.0, 4.0)  # the ratio sweep's local ratios, as multiples of the global one
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
 ENCODINGS = (("float32", None), ("float16", None), ("int8", None), ("float16", 256), ("float16", 128))
-POISON_MODES = ("off", "flag", "exclude", "filter")
 
 
 def _row(label: str, metrics: dict[str, dict[str, Any]], **extra: Any) -> list[dict[str, Any]]:
@@ -91,7 +89,7 @@ def sweep_encoding(base: ExperimentConfig, replay: Replay, encodings=ENCODINGS) 
     if skipped:
         print(f"projections to {skipped} dims skipped: not below the embedding size ({full})")
     for dtype, dim in (e for e in encodings if e[1] not in skipped):
-        transform = dataclasses.replace(base.model.transform, projection_dim=dim, projection_seed=base.seed)
+        transform = base.model.transform.model_copy(update={"projection_dim": dim, "projection_seed": base.seed})
         config = variant(plain, **{"federation.payload_dtype": dtype, "model.transform": transform})
         banks, report = replay.federated(config, factories)
         label = dtype + (f" + projection {dim}" if dim else "")

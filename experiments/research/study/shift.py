@@ -21,9 +21,10 @@ from experiments.research.replay import Replay, embed_test
 from experiments.research.study.common import both
 from experiments.research.study.core import Study
 from experiments.research.study.report import Table, lines, verdict, write_report
+from federated.config import SHIFT_FAMILIES
 
 SEVERITY = {"none": 0.0, "mild": 0.5, "moderate": 1.0, "severe": 2.0}
-ALL = ("photometric", "illumination", "geometric")
+ALL = SHIFT_FAMILIES
 CONDITIONS = (("all families", "mild", ALL), ("all families", "moderate", ALL), ("all families", "severe", ALL),
               ("photometric", "moderate", ("photometric",)), ("illumination", "moderate", ("illumination",)),
               ("geometric", "moderate", ("geometric",)))
