@@ -1,11 +1,14 @@
-"""Shared test setup: no telemetry, a private FLWR_HOME, the real-data folder when present, and
-`@pytest.mark.cuda` tests skipped where there is no CUDA device."""
+"""Shared test setup: no telemetry, a private FLWR_HOME, the real-data folder when present,
+`@pytest.mark.cuda` tests skipped where there is no CUDA device, and the fast tier's guard (no Ray,
+no server process when slow tests are deselected: tests/tier_guard.py)."""
 
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests import tier_guard
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedpatch-flwr-home-"))
@@ -20,6 +23,12 @@ def shared_mvtec() -> Path:
     if not (SHARED_MVTEC / "tire").is_dir() or not (SHARED_MVTEC / "hazelnut").is_dir():
         pytest.skip(f"real images not found at {SHARED_MVTEC}")
     return SHARED_MVTEC
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run that deselects `slow` tests (`make test-fast`) fails any test that starts Ray or a
+    server process (tests/tier_guard.py)."""
+    tier_guard.install(config)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -250,7 +250,7 @@ def test_pair_transform_applies_to_its_domain_only(tmp_path: Path) -> None:
     assert left_bright == [False, True, True]
 
 
-@pytest.mark.skipif(not REAL_ROOT.is_dir(), reason="shared real images not present")
+@pytest.mark.skipif(not REAL_ROOT.is_dir(), reason=f"shared images not found at {REAL_ROOT}")
 def test_real_mvtec_counts() -> None:
     assert {"tire", "hazelnut"} <= set(list_categories(REAL_ROOT))
     tire = load_mvtec(REAL_ROOT, "tire", splits=("train", "validation", "test"))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from experiments.app.report_md import LOCAL_GAP, PARITY, finding, write_report
 
 
@@ -70,6 +72,7 @@ def test_report_opens_with_the_finding(tmp_path):
     assert lines[0] == "# fedpatch compare report" and lines[2].startswith("**Finding.** Federated image AUROC 0.940")
 
 
+@pytest.mark.slow  # `fedpatch compare`: Ray start-up + three fits
 def test_make_demo_shows_local_below_federated_and_federated_at_centralized(tmp_path):
     """What `make demo` runs (`fedpatch compare --config configs/default.yaml`), end to end: the
     mean local-only image AUROC is >= 0.05 below federated, federated within 0.02 of centralized,

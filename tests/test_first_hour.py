@@ -179,7 +179,7 @@ def test_a_bank_from_before_the_weighting_key_loads_with_the_paper_embedding(tmp
 @pytest.mark.slow
 def test_a_hazelnut_bank_on_the_mvtec_layout_carries_a_threshold_and_predict_decides(tmp_path, capsys):
     if not (SHARED / "mvtec" / "hazelnut").is_dir():
-        pytest.skip("shared hazelnut images absent")
+        pytest.skip(f"shared images not found at {SHARED / 'mvtec' / 'hazelnut'}")
     from experiments.app.cli import main
 
     run = tmp_path / "run"

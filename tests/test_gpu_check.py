@@ -21,6 +21,10 @@ from tests.conftest import REPO
 NO_GPU = not torch.cuda.is_available()
 
 
+# The --quick check itself (~90 s here; on a GPU box its federation step starts Ray): slow.
+slow = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def quick_check(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
@@ -30,6 +34,7 @@ def quick_check(tmp_path_factory):
     return done, out, time.monotonic() - start
 
 
+@slow
 def test_quick_check_exits_0_and_says_gpu_steps_were_skipped(quick_check):
     done, out, seconds = quick_check
     assert done.returncode == 0, done.stdout + done.stderr
@@ -59,6 +64,7 @@ def gpu_check_title(name: str) -> str:
     return TITLES[name]
 
 
+@slow
 def test_quick_check_cpu_coreset_numbers_are_there(quick_check):
     _, out, _ = quick_check
     steps = {s["name"]: s for s in json.loads((out / "results.json").read_text())["steps"]}
@@ -68,6 +74,7 @@ def test_quick_check_cpu_coreset_numbers_are_there(quick_check):
     assert cpu["features"]["dim"] == 1024
 
 
+@slow
 def test_quick_check_end_to_end_ratio_on_the_shared_images(quick_check, shared_mvtec):
     _, out, _ = quick_check
     e2e = {s["name"]: s for s in json.loads((out / "results.json").read_text())["steps"]}["end_to_end"]

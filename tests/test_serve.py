@@ -341,6 +341,7 @@ def _choose_files(browser: Browser, selector: str, paths: list[Path]) -> None:
     browser.call("DOM.setFileInputFiles", nodeId=node, files=[str(p) for p in paths])
 
 
+@pytest.mark.slow  # a real uvicorn server and headless Chromium (and a fit on the shared images)
 def test_inspection_page_in_headless_chromium_rejects_a_hazelnut_defect(hazelnut_app, tmp_path):
     app, defect = hazelnut_app
     not_an_image = tmp_path / "notes.txt"

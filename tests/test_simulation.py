@@ -1,5 +1,6 @@
 """The federation on Flower: a real Ray simulation with 3 factories on tiny synthetic data, the
-client's messages checked for image content, and the Flower-free site/server logic on its own."""
+client's messages checked for image content (marked slow: Ray), and the ClientApp called directly
+and the Flower-free site/server logic on their own, on the same plan without Ray (fast)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import yaml
@@ -90,9 +92,21 @@ class RecordReplies:
         return reply
 
 
+slow = pytest.mark.slow  # the tests on `federation`: Ray start-up + a 3-factory run
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny config and its factory plan, without Flower or Ray (the synthetic images are
+    generated in the same folder as the federation's)."""
+    config_path = write_config(tmp_path_factory.mktemp("tiny"))
+    config = load_config(config_path, ExperimentConfig)
+    return {"config": config, "plan": plan_factories(config)}
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, monkeypatch_module):
-    """One real run_simulation; every client reply is recorded by RecordReplies."""
+    """One real run_simulation (Ray); every client reply is recorded by RecordReplies."""
     folder = tmp_path_factory.mktemp("federation")
     recorded = folder / "recorded"
     recorded.mkdir()
@@ -113,6 +127,7 @@ def monkeypatch_module():
         yield patch
 
 
+@slow
 def test_simulation_builds_one_bank_per_category_of_budget_size(federation):
     report, run = federation["report"], federation["run"]
     assert report["status"] == "complete"
@@ -128,6 +143,7 @@ def test_simulation_builds_one_bank_per_category_of_budget_size(federation):
         assert sum(bank.metadata["kept_per_factory"].values()) == len(bank)
 
 
+@slow
 def test_simulation_metrics_come_back_from_every_factory(federation):
     metrics = federation["report"]["per_factory_metrics"]
     assert sorted(metrics) == ["factory-0", "factory-1", "factory-2"]
@@ -145,6 +161,7 @@ def test_simulation_metrics_come_back_from_every_factory(federation):
     assert any(isinstance(v.get("pixel_auroc"), float) for m in metrics.values() for v in m.values())
 
 
+@slow
 def test_federation_json_has_upload_stats(federation):
     saved = json.loads((federation["run"] / "federated" / "federation.json").read_text())
     assert saved["status"] == "complete"
@@ -157,22 +174,29 @@ def test_federation_json_has_upload_stats(federation):
         assert {"extract_s", "coreset_s", "encode_s", "total_s", "evaluate_s"} <= set(stats["seconds"])
 
 
+@slow
 def test_simulation_leaves_no_ray_process(federation):
     import ray
 
     assert not ray.is_initialized()
     actors = {int(f.name.split("-", 1)[0]) for f in federation["recorded"].glob("*.npz")}
     assert actors and os.getpid() not in actors  # the clients ran in Ray's worker processes
-    alive = [p for p in actors if Path(f"/proc/{p}").exists()
-             and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    alive = [p for p in actors if _status(p) not in (None, psutil.STATUS_ZOMBIE)]
     assert not alive, alive
     children = []
     for pid in simulation.descendants():
         try:
-            children.append(Path(f"/proc/{pid}/cmdline").read_bytes())
-        except OSError:  # exited meanwhile
+            children.append(" ".join(psutil.Process(pid).cmdline()))
+        except psutil.Error:  # exited meanwhile
             pass
-    assert not [c for c in children if b"ray" in c or b"flwr" in c or b"flower" in c], children
+    assert not [c for c in children if "ray" in c or "flwr" in c or "flower" in c], children
+
+
+def _status(pid: int) -> str | None:
+    try:
+        return psutil.Process(pid).status()
+    except psutil.Error:
+        return None
 
 
 def _training_pixel_rows(plan, factory: str) -> list[bytes]:
@@ -201,6 +225,7 @@ def assert_no_pixels(arrays: dict[str, np.ndarray], pixel_rows: list[bytes],
         assert not any(row in blob for row in pixel_rows), name
 
 
+@slow
 def test_every_message_sent_by_simulated_clients_is_free_of_pixels(federation):
     files = sorted(federation["recorded"].glob("*.npz"))
     kinds = [f.stem.rsplit("-", 1)[-1] for f in files]
@@ -226,7 +251,7 @@ def _instruction(content: RecordDict, message_type: str, node_id: int) -> Messag
     return Message(content, metadata=metadata)
 
 
-def test_client_handlers_called_directly_send_only_coresets_and_numbers(federation, tmp_path):
+def test_client_handlers_called_directly_send_only_coresets_and_numbers(tiny, tmp_path):
     settings = simulation.run_config(write_config(tmp_path), {}, tmp_path / "run")
     app = build_client_app(settings)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
@@ -237,7 +262,7 @@ def test_client_handlers_called_directly_send_only_coresets_and_numbers(federati
     arrays = {k: a.numpy() for k, a in reply.content[FEATURES].items()}
     assert sorted(arrays) == ["disc", "stripes"]
     payloads, problems = unpack_payloads(arrays, dict(reply.content[PAYLOAD]))
-    assert_no_pixels(arrays, _training_pixel_rows(federation["plan"], "factory-1"),
+    assert_no_pixels(arrays, _training_pixel_rows(tiny["plan"], "factory-1"),
                      {c: p.num_patches for c, p in payloads.items()})
     assert not problems and all(p.factory_id == 1 and p.num_patches == 2 * PATCHES
                                 for p in payloads.values())
@@ -250,19 +275,19 @@ def test_client_handlers_called_directly_send_only_coresets_and_numbers(federati
     assert all(isinstance(v, float) for v in answer.content["metrics"].values())
 
 
-# ---- Flower-free parts ---------------------------------------------------------------------
+# ---- Flower-free parts (no Ray: the fast tier) ---------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def site_setup(federation):
-    config, plan = federation["config"], federation["plan"]
+def site_setup(tiny):
+    config, plan = tiny["config"], tiny["plan"]
     site = Site(config, plan.shard(0), plan.shifts)
     payloads, seconds = site.local_payloads()
     return config, plan, site, payloads, seconds
 
 
-def test_plan_is_deterministic_and_complete(federation):
-    config, plan = federation["config"], federation["plan"]
+def test_plan_is_deterministic_and_complete(tiny):
+    config, plan = tiny["config"], tiny["plan"]
     again = plan_factories(config)
     assert [s.train for s in again.shards] == [s.train for s in plan.shards]
     assert sorted(plan.shifts) == ["factory-0", "factory-1", "factory-2"]
@@ -414,7 +439,12 @@ class FakeGrid:
         return replies
 
 
-def test_failed_silent_and_dead_nodes_are_recorded_once_by_the_node_asked(site_setup):
+def test_failed_silent_and_dead_nodes_are_recorded_once_by_the_node_asked(site_setup, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # what Flower sets in a ServerApp's process (a Message reads its run id from there)
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
     config, _, _, payloads, _ = site_setup
     content = to_flower(TrainReply("factory-0", 0, payloads, 2, {"extract_s": 1.0}).to_records())
     transport = GridTransport(FakeGrid(content), poll_s=0.01)

@@ -28,16 +28,20 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
-from pydantic import BaseModel, Field
+from experiments.app.extras import require
 
-from experiments.app import plots
-from experiments.app.predict import BankScorer, Inspection
-from patchcore.data.images import decode_image
-from patchcore.errors import DataError
-from patchcore.memory_bank import bank_paths
+require("serve", "fedpatch serve")  # fastapi, uvicorn, python-multipart: the `serve` extra
+
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse, Response  # noqa: E402
+from PIL import Image  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+
+from experiments.app import plots  # noqa: E402
+from experiments.app.predict import BankScorer, Inspection  # noqa: E402
+from patchcore.data.images import decode_image  # noqa: E402
+from patchcore.errors import DataError  # noqa: E402
+from patchcore.memory_bank import bank_paths  # noqa: E402
 
 # Declared part type -> accepted. Whatever the label, only these PIL decoders are ever tried.
 ACCEPTED_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/bmp", "image/x-ms-bmp", "image/tiff"}

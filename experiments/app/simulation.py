@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from clients.app import build_client_app
 from federated.config import ExperimentConfig
@@ -92,30 +93,33 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
-def _process_table() -> dict[int, tuple[int, int, str]]:
-    """{pid: (parent pid, start time, state)} from /proc; {} where there is no /proc."""
-    table: dict[int, tuple[int, int, str]] = {}
-    proc = Path("/proc")
-    for entry in proc.iterdir() if proc.is_dir() else ():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # fields from #3 (state) on
-            table[int(entry.name)] = (int(fields[1]), int(fields[19]), fields[0])
-    return table
+def _descendant_processes(root: int | None = None) -> list[psutil.Process]:
+    """The live (non-zombie) descendants of `root` (default: this process); [] when it is gone."""
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.Error:
+        return []
+    return [p for p in children if _alive(p)]
 
 
-def descendants(root: int | None = None) -> dict[int, int]:
+def _alive(process: psutil.Process) -> bool:
+    """Still running (the same process: psutil compares its start time, so a pid reused by a
+    stranger is not alive) and not a zombie."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def descendants(root: int | None = None) -> dict[int, float]:
     """{pid: start time} of the live (non-zombie) descendants of `root` (default: this process)."""
-    table = _process_table()
-    found: set[int] = set()
-    frontier = {os.getpid() if root is None else root}
-    while frontier:
-        frontier = {p for p, (ppid, _, _) in table.items() if ppid in frontier} - found
-        found |= frontier
-    return {p: table[p][1] for p in found if table[p][2] != "Z"}
+    found = {}
+    for process in _descendant_processes(root):
+        try:
+            found[process.pid] = process.create_time()
+        except psutil.Error:  # exited meanwhile
+            pass
+    return found
 
 
 class ProcessWatch:
@@ -124,19 +128,20 @@ class ProcessWatch:
     workers outlive the raylet by a few seconds, no longer as our descendants."""
 
     def __init__(self, interval_s: float = 0.5) -> None:
-        self.seen: dict[int, int] = {}
-        self._before: dict[int, int] = {}  # children that existed before: not ours to wait for
+        self.seen: dict[int, psutil.Process] = {}
+        self._before: dict[int, psutil.Process] = {}  # children that existed before: not ours
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, args=(interval_s,), daemon=True)
 
     def _poll(self, interval_s: float) -> None:
         while not self._stop.is_set():
-            self.seen.update({p: t for p, t in descendants().items()
-                              if self._before.get(p) != t})
+            # psutil.Process equality is pid + start time: a reused pid is a new process
+            self.seen.update({p.pid: p for p in _descendant_processes()
+                              if self._before.get(p.pid) != p})
             self._stop.wait(interval_s)
 
     def __enter__(self) -> "ProcessWatch":
-        self._before = descendants()
+        self._before = {p.pid: p for p in _descendant_processes()}
         self._thread.start()
         return self
 
@@ -145,9 +150,7 @@ class ProcessWatch:
         self._thread.join()
 
     def survivors(self) -> list[int]:
-        table = _process_table()
-        return [p for p, start in self.seen.items()
-                if p in table and table[p][1] == start and table[p][2] != "Z"]
+        return [pid for pid, process in self.seen.items() if _alive(process)]
 
     def reap(self, timeout_s: float = 15.0) -> list[int]:
         """Wait up to `timeout_s` for the seen processes to exit, then kill what is left (same
@@ -157,8 +160,8 @@ class ProcessWatch:
             time.sleep(0.2)
         for pid in left:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
+                self.seen[pid].kill()  # psutil checks the pid was not reused before signalling
+            except psutil.Error:
                 pass
         return left
 

@@ -5,7 +5,7 @@
 
 Runs `experiments.app.simulation.run_federation` (Flower + Ray, the real ClientApp and ServerApp) on
 the synthetic factories with `--factories` clients, each holding at least one training image per
-category, and polls /proc every 0.5 s for the process tree (this process, Ray's GCS, raylet,
+category, and polls the process tree with psutil every 0.5 s (this process, Ray's GCS, raylet,
 workers): the peak of the summed RSS (counts shared pages once per process: an upper bound) and
 of the summed PSS (shared pages split between their users: what the tree really holds).
 """
@@ -24,17 +24,24 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+import psutil  # noqa: E402
+
 from experiments.app.simulation import descendants, run_federation  # noqa: E402
 
 
-def _kib(path: Path, field: str) -> int:
+def _memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes of one process; PSS is 0 where the platform has none; (0, 0) when it
+    is gone or not ours to read."""
     try:
-        for line in path.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+        process = psutil.Process(pid)
+        rss = process.memory_info().rss
+    except psutil.Error:
+        return 0, 0
+    try:
+        pss = getattr(process.memory_full_info(), "pss", 0)  # Linux: smaps_rollup
+    except psutil.Error:
+        pss = 0
+    return rss, pss
 
 
 class TreeMemory:
@@ -47,8 +54,8 @@ class TreeMemory:
 
     def sample(self) -> None:
         pids = [os.getpid(), *descendants()]
-        rss = sum(_kib(Path(f"/proc/{p}/status"), "VmRSS") for p in pids) * 1024
-        pss = sum(_kib(Path(f"/proc/{p}/smaps_rollup"), "Pss") for p in pids) * 1024
+        sizes = [_memory(p) for p in pids]
+        rss, pss = sum(r for r, _ in sizes), sum(p for _, p in sizes)
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
         self.peak_processes = max(self.peak_processes, len(pids))
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from experiments.app.extras import require
 from patchcore.errors import ConfigError
 
 APP = Path(__file__).resolve().with_name("app.py")
@@ -21,7 +22,9 @@ def results_folder(path: str | Path) -> Path:
 
 
 def command(results_dir: str | Path, port: int) -> list[str]:
-    """`python -m streamlit run app.py` headless on `port`, with the results folder after `--`."""
+    """`python -m streamlit run app.py` headless on `port`, with the results folder after `--`;
+    MissingExtraError (one line) when streamlit is not installed."""
+    require("dashboard", "fedpatch dashboard")
     return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
             "--server.port", str(port), "--browser.gatherUsageStats", "false",
             "--", str(results_folder(results_dir))]
