@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedpatch-installed
 export FLWR_TELEMETRY_ENABLED ?= 0
 
-.PHONY: demo test test-fast bench gpu-check clean
+.PHONY: demo test test-fast lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# ruff (settings in pyproject.toml's [tool.ruff]); CI (.ci/run) runs it before the tests
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) experiments/bench/patchcore.py
