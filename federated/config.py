@@ -15,10 +15,9 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from patchcore.config import Config, Section, StrList, as_tuple, invalid
-
 from federated.faults import parse_faults
 from federated.partition import SCHEMES
+from patchcore.config import Config, Section, StrList, as_tuple, invalid
 
 AGGREGATIONS: tuple[str, ...] = ("coreset_of_coresets", "concat", "random")  # federated/aggregation.py
 POISON_MODES: tuple[str, ...] = ("off", "flag", "exclude", "filter")  # federated/robust.py

@@ -4,8 +4,9 @@ A PaDiM Gaussian depends on the training images only through N, Σx and Σxxᵀ 
 (patchcore/padim.py), and these add up over disjoint image sets. So each site sends its
 `PadimStats` once, the server sums them, and `aggregate(stats).gaussian()` equals the Gaussian a
 centralized PaDiM fits on the union of the sites' images, up to float64 rounding of the sums
-(measured on 12 real tire images, d = 100: mean identical, covariance within 1.1e-14). Unlike PatchCore's coreset of coresets, nothing
-is approximated: no sampling, no budget, no dependence on how images fall over sites.
+(measured on 12 real tire images, d = 100: mean identical, covariance within 1.1e-14). Unlike
+PatchCore's coreset of coresets, nothing is approximated: no sampling, no budget, no dependence on
+how images fall over sites.
 
 What is sent, and the price: no patch vectors, only per-position moments. Each `outer` matrix is
 symmetric, so only its upper triangle travels: L·d·(d+1)/2 float64 values, plus L·d sums and the
@@ -26,7 +27,8 @@ from typing import Iterable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes, save as save_bytes
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from federated.errors import PayloadError, QuorumError
 from patchcore.padim import PadimStats

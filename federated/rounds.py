@@ -24,11 +24,30 @@ from typing import Any, Protocol
 from federated.config import ExperimentConfig
 from federated.errors import PayloadError
 from federated.payload import Payload
-from federated.protocol import (EVALUATE, IDENTIFY, PHASES, TRAIN, EvaluateReply, EvaluateRequest,
-                                Failure, Records, SiteInfo, TrainReply, TrainRequest, natural_key)
-from federated.server_logic import (aggregate_all, aggregation_summary, load_received,
-                                    save_global_banks, save_received, upload_stats,
-                                    write_federation_json, write_run_config)
+from federated.protocol import (
+    EVALUATE,
+    IDENTIFY,
+    PHASES,
+    TRAIN,
+    EvaluateReply,
+    EvaluateRequest,
+    Failure,
+    Records,
+    SiteInfo,
+    TrainReply,
+    TrainRequest,
+    natural_key,
+)
+from federated.server_logic import (
+    aggregate_all,
+    aggregation_summary,
+    load_received,
+    save_global_banks,
+    save_received,
+    upload_stats,
+    write_federation_json,
+    write_run_config,
+)
 from federated.site import Site
 from patchcore.bank_metadata import bank_metadata as patchcore_bank_metadata
 from patchcore.config import to_dict
@@ -300,8 +319,8 @@ def calibrate_global_banks(run_dir: Path, config: ExperimentConfig,
     """Give each global bank the threshold its sites' held-out normals calibrate: the
     threshold.quantile of their pooled image scores under that bank (the sites sent scores,
     never images), written into the bank's metadata. {category: what was calibrated on}."""
-    from patchcore.memory_bank import MemoryBank
     from patchcore.bank_metadata import set_threshold
+    from patchcore.memory_bank import MemoryBank
     from patchcore.threshold import Threshold, calibrate_threshold
 
     out: dict[str, Any] = {}

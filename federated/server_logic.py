@@ -26,13 +26,12 @@ from federated.aggregation import AggregationResult, aggregate
 from federated.config import ExperimentConfig
 from federated.errors import PayloadError, QuorumError
 from federated.partition import factory_name
-from federated.payload import (Payload, load_payload, payload_fingerprint, raw_feature_bytes,
-                               save_payload, validate)
+from federated.payload import Payload, load_payload, payload_fingerprint, raw_feature_bytes, save_payload, validate
 from federated.robust import detect_poisoned, mitigate
-from patchcore.config import ModelConfig, build, to_dict
-from patchcore.errors import ConfigError
-from patchcore.coreset import coreset_size
 from patchcore import strict_json
+from patchcore.config import ModelConfig, build, to_dict
+from patchcore.coreset import coreset_size
+from patchcore.errors import ConfigError
 from patchcore.memory_bank import MemoryBank, atomic_write_bytes
 from patchcore.model import embedding_dim, resolve_device
 

@@ -24,10 +24,19 @@ import torch
 from federated.config import ExperimentConfig
 from federated.faults import InjectedFault, apply_to_shard, noise_like, parse_faults
 from federated.partition import FactoryShard
-from federated.protocol import (EVALUATE, IDENTIFY, TRAIN, EvaluateReply, EvaluateRequest, Records,
-                                SiteInfo, TrainReply, TrainRequest)
 from federated.payload import Payload, encode
 from federated.privacy import PrivacySpec, privatize
+from federated.protocol import (
+    EVALUATE,
+    IDENTIFY,
+    TRAIN,
+    EvaluateReply,
+    EvaluateRequest,
+    Records,
+    SiteInfo,
+    TrainReply,
+    TrainRequest,
+)
 from patchcore.cache import FeatureCache
 from patchcore.config import DATA_FORMATS, replace
 from patchcore.data import ImageRecord, PairTransform
@@ -188,9 +197,10 @@ class Site:
     def local_payloads(self, progress: bool = False) -> tuple[dict[str, Payload], dict[str, float]]:
         """({category: payload}, {phase: seconds}) for every category this factory trains on.
 
-        Each payload is the greedy coreset (federation.local_ratio, or local_factor x global_ratio, of the extracted patches) of
-        the factory's training images of that category; `num_patches` records how many patches
-        it was drawn from, which is what the server weights the global budget by.
+        Each payload is the greedy coreset (federation.local_ratio, or local_factor x global_ratio,
+        of the extracted patches) of the factory's training images of that category; `num_patches`
+        records how many patches it was drawn from, which is what the server weights the global
+        budget by.
         """
         f = self.config.federation
         if self.fault == "crash":
@@ -261,7 +271,8 @@ class Site:
             self._assigned(request.factory, request.factory_id)
             payloads, seconds = self.local_payloads(progress=False)
             release = {f"{c}.{k}": float(v) for c, st in self.release_stats.items() for k, v in st.items()}
-            timings = {"backbone_load_s": self.load_s if cold else 0.0, **seconds, "total_s": time.perf_counter() - start}
+            timings = {"backbone_load_s": self.load_s if cold else 0.0, **seconds,
+                       "total_s": time.perf_counter() - start}
             return TrainReply(self.name, self.factory_id, payloads, len(self.shard.train),
                               timings, release, device=self.device_used).to_records()
         if kind == EVALUATE:

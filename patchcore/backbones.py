@@ -240,7 +240,8 @@ class FeatureExtractor(nn.Module):
         for layer, target in resolved.items():
             if target not in names:
                 valid = sorted(set(names[1:]) | set(aliases))
-                raise ConfigError(f"unknown layer {layer!r} for backbone {name} (model.backbone.layers); valid: {', '.join(valid)}")
+                raise ConfigError(f"unknown layer {layer!r} for backbone {name} (model.backbone.layers); "
+                                  f"valid: {', '.join(valid)}")
         deepest = max(names.index(t) for t in resolved.values())
         self.name, self.layers, self.resolved = name, tuple(layers), resolved
         self.precision = precision

@@ -113,7 +113,8 @@ class FeatureCache:
         `data.cache_max_gb` for the whole cache_dir; None when caching is off."""
         if not data.cache_dir:
             return None
-        return cls(Path(data.cache_dir) / name, max_bytes=int(data.cache_max_gb * 1e9), budget_root=Path(data.cache_dir))
+        return cls(Path(data.cache_dir) / name, max_bytes=int(data.cache_max_gb * 1e9),
+                   budget_root=Path(data.cache_dir))
 
     def namespace(self, settings: dict[str, Any]) -> str:
         """The folder of one feature setting (sha256 of its JSON); writes settings.json once."""

@@ -197,7 +197,8 @@ class Bf16Search:
         dist[:c] = d0
         for a in range(c, len(rows), PAIR_BLOCK):
             r, k = rows[a : a + PAIR_BLOCK], cols[a : a + PAIR_BLOCK]
-            dist[a : a + PAIR_BLOCK] = torch.sub(q.index_select(0, r), self.bank.index_select(0, k)).square_().sum(dim=1)
+            dist[a : a + PAIR_BLOCK] = torch.sub(q.index_select(0, r),
+                                                 self.bank.index_select(0, k)).square_().sum(dim=1)
         best.scatter_reduce_(0, rows, dist, reduce="amin")
         at_best = dist == best.index_select(0, rows)
         index = torch.full((c,), len(self.bank), dtype=torch.long, device=device)

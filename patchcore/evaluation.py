@@ -24,7 +24,6 @@ from patchcore.metrics import auc_spro, evaluate, spro_region
 from patchcore.model import PatchCore
 from patchcore.progress import track
 
-
 NO_MASKS = "no ground-truth masks for the anomalous test images (image-level labels only)"
 
 
@@ -71,7 +70,8 @@ def evaluate_scored(scored: ScoredSet, config: Config, root: Path, category: str
         if (Path(root) / category / DEFECTS_CONFIG).is_file():
             specs = load_defects_config(root, category)
         else:
-            skipped["auc_spro_0.05"] = f"{Path(root) / category / DEFECTS_CONFIG} not found (sPRO needs its saturation thresholds)"
+            skipped["auc_spro_0.05"] = (f"{Path(root) / category / DEFECTS_CONFIG} not found "
+                                        "(sPRO needs its saturation thresholds)")
     maps, masks, regions = [], [], []
     for record, amap in zip(scored.records, scored.maps):
         width, height = image_size(record.path)

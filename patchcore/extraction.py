@@ -34,7 +34,8 @@ def cache_settings(model: Any, dataset: ImageDataset) -> dict[str, Any]:
     c, pre = model.config, dataset.preprocess
     # the id of the raw embeddings: entries are kept before model.transform (clip, projection),
     # so one entry serves every transform (ids without a transform are unchanged)
-    return {"backbone_id": getattr(model, "raw_backbone_id", model.backbone_id), "weights": weights_identity(c.backbone.weights, model.seed),
+    return {"backbone_id": getattr(model, "raw_backbone_id", model.backbone_id),
+            "weights": weights_identity(c.backbone.weights, model.seed),
             "pretrain_embed_dim": c.pretrain_embed_dim, "precision": getattr(c, "precision", "float32"),
             "preprocess": {"resize": pre.resize, "crop": pre.crop, "mean": pre.mean, "std": pre.std}}
 

@@ -14,8 +14,8 @@ from typing import Any, Iterable
 import torch
 
 from patchcore.anomaly_map import to_pixel_maps
-from patchcore.bank_metadata import model_metadata
 from patchcore.backbones import FeatureExtractor, default_weighting, layer_channels
+from patchcore.bank_metadata import model_metadata
 from patchcore.cache import FeatureCache
 from patchcore.config import ModelConfig, TransformConfig, build
 from patchcore.coreset import coreset_size, greedy_coreset
@@ -210,7 +210,8 @@ class PatchCore:
         return torch.cat(scores), torch.cat(maps)
 
     @classmethod
-    def from_bank(cls, bank: MemoryBank, config: ModelConfig | None = None, device: str | torch.device = "auto") -> "PatchCore":
+    def from_bank(cls, bank: MemoryBank, config: ModelConfig | None = None,
+                  device: str | torch.device = "auto") -> "PatchCore":
         """A ready-to-score model around a bank; the config comes from the bank when not given."""
         if config is None:
             if "model" not in bank.metadata:
@@ -221,7 +222,8 @@ class PatchCore:
         model = cls(config, device=device, seed=int(bank.metadata.get("seed", 0)))
         if bank.dim != model.transform.out_dim:
             raise BankFormatError(f"bank features have {bank.dim} dims; the model's embeddings have "
-                                  f"{model.transform.out_dim} (model.layer_weighting, model.target_embed_dim, model.transform.projection_dim)")
+                                  f"{model.transform.out_dim} (model.layer_weighting, model.target_embed_dim, "
+                                  "model.transform.projection_dim)")
         model.bank = bank.to(model.device)
         model.bank.set_backend(config.nn_backend, config.ivfpq)
         model.bank.nn_precision = config.nn_precision

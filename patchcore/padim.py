@@ -38,7 +38,8 @@ from typing import Any, Iterable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes, save as save_bytes
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from patchcore import strict_json
 from patchcore.config import ModelConfig, build, to_dict

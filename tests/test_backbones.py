@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from patchcore.backbones import REGISTRY, FeatureExtractor, build_network
-from patchcore.config import ModelConfig, BackboneConfig
+from patchcore.config import BackboneConfig, ModelConfig
 from patchcore.errors import ConfigError, WeightsError
 from patchcore.model import PatchCore
 

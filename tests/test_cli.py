@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -92,7 +92,8 @@ def test_same_seed_twice_gives_identical_bank_bytes_and_scores(fitted, capsys):
     tmp, config, run = fitted
     code, _, _ = run_cli(["fit", "--config", config, "--quiet", "--out", tmp / "run2"], capsys)
     assert code == 0
-    assert (run / "banks" / "disc.safetensors").read_bytes() == (tmp / "run2" / "banks" / "disc.safetensors").read_bytes()
+    assert ((run / "banks" / "disc.safetensors").read_bytes()
+            == (tmp / "run2" / "banks" / "disc.safetensors").read_bytes())
     for name in ("e1", "e2"):
         assert main(["evaluate", "--run", str(run), "--quiet", "--overlays", "0", "--out", str(tmp / name)]) == 0
     capsys.readouterr()
@@ -146,7 +147,8 @@ def test_corrupt_image_in_dataset_is_one_line_naming_the_file(tmp_path, capsys):
 def test_console_script_exit_code_and_stderr(tmp_path):
     cfg = {**TINY, "model": {"backbone": {"name": "nope"}}}
     exe = Path(sys.executable).with_name("fedpatch")
-    result = subprocess.run([str(exe), "fit", "--config", str(write_config(tmp_path, cfg))], capture_output=True, text=True)
+    result = subprocess.run([str(exe), "fit", "--config", str(write_config(tmp_path, cfg))],
+                            capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: model.backbone.name: must be one of")
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -222,7 +224,8 @@ def test_fit_with_a_cache_dir_skips_the_backbone_for_cached_training_images(tmp_
 
     seen = []
     forward = FeatureExtractor.forward
-    monkeypatch.setattr(FeatureExtractor, "forward", lambda self, images: seen.append(len(images)) or forward(self, images))
+    monkeypatch.setattr(FeatureExtractor, "forward",
+                        lambda self, images: seen.append(len(images)) or forward(self, images))
     cfg = json.loads(json.dumps(TINY))
     cfg["data"]["cache_dir"] = str(tmp_path / "cache")
     config = write_config(tmp_path, cfg)
@@ -274,7 +277,8 @@ def test_a_failed_fit_keeps_its_results_and_says_why(tmp_path, capsys, monkeypat
     monkeypatch.setattr(patchcore.fitting, "fit_category", second_fails)
     cfg = json.loads(json.dumps(TINY))
     cfg["data"]["synthetic"]["categories"] = ["disc", "stripes"]
-    code, _, err = run_cli(["fit", "--config", write_config(tmp_path, cfg), "--quiet", "--out", tmp_path / "run"], capsys)
+    code, _, err = run_cli(["fit", "--config", write_config(tmp_path, cfg), "--quiet", "--out", tmp_path / "run"],
+                           capsys)
     assert code == exit_code and err.strip().splitlines() == [line]
     manifest = _strict((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["status"] == status and manifest["error"] == line and manifest["wall_s"] > 0

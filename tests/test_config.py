@@ -100,7 +100,8 @@ def test_strict_like_the_yaml_it_reads():
 def test_sections_behave_like_the_dataclasses_they_replace():
     from patchcore.config import BackboneConfig, CoresetConfig, ModelConfig, replace, to_dict
 
-    assert BackboneConfig("resnet18", ("layer2",), "none") == BackboneConfig(name="resnet18", layers=("layer2",), weights="none")
+    assert BackboneConfig("resnet18", ("layer2",), "none") == BackboneConfig(name="resnet18", layers=("layer2",),
+                                                                              weights="none")
     c = ExperimentConfig()
     assert hash(c) == hash(ExperimentConfig()) and build(ExperimentConfig, to_dict(c)) == c
     with pytest.raises(Exception):

@@ -76,7 +76,9 @@ def test_nearest_neighbours_on_cuda_equal_cpu(k, max_bytes):
     assert torch.allclose(d_gpu, d_cpu, rtol=1e-4)
     differ = i_gpu != i_cpu
     if differ.any():  # only a tie within rounding may order two bank rows differently
-        exact = lambda idx: (queries.double()[:, None, :] - bank.double()[idx]).norm(dim=-1)  # (Q, k)
+        def exact(idx: torch.Tensor) -> torch.Tensor:  # (Q, k)
+            return (queries.double()[:, None, :] - bank.double()[idx]).norm(dim=-1)
+
         assert torch.allclose(exact(i_gpu)[differ], exact(i_cpu)[differ], rtol=1e-4)
         assert differ.float().mean() < 0.01
 

@@ -114,7 +114,8 @@ def test_discover_runs_lists_finished_runs_newest_first_and_skips_half_written(t
 
 def test_images_csv_parsing_and_filters(tmp_path):
     run = _fake_compare(tmp_path / "compare-x", "2026-01-01T00:00:00+00:00")
-    rows = [[0, "disc", "factory-0", "local", "/a/good.png", 0, "good", "", 1.0, 2.5, "calibrated", "accept", 0, 0, 8, 8],
+    rows = [[0, "disc", "factory-0", "local", "/a/good.png", 0, "good", "", 1.0, 2.5, "calibrated",
+             "accept", 0, 0, 8, 8],
             [1, "disc", "factory-0", "local", "/a/cut.png", 1, "cut", "/a/cut_mask.png", 3.0, 2.5, "calibrated",
              "reject", 8, 0, 16, 8],
             [2, "disc", "factory-1", "local", "/b/cut.png", 1, "cut", "/b/m1.png;/b/m2.png", 2.0, 1.5, "calibrated",

@@ -27,7 +27,6 @@ from patchcore.data import (
     make_loader,
     read_region,
 )
-
 from tests.conftest import SHARED_MVTEC
 
 REAL_ROOT = SHARED_MVTEC

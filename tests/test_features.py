@@ -72,7 +72,8 @@ def test_convolution_route_equals_patch_route_for_lite_and_resnet_shapes():
 
     torch.manual_seed(0)
     cases = [([torch.randn(2, 40, 12, 12), torch.randn(2, 112, 6, 6)], 64, 48),  # Lite-like, upsampling pools
-             ([torch.randn(1, 96, 8, 8), torch.randn(1, 160, 4, 4), torch.randn(1, 64, 2, 2)], 100, 70)]  # 3 layers, bins straddle layers
+             # 3 layers, bins straddle layers
+             ([torch.randn(1, 96, 8, 8), torch.randn(1, 160, 4, 4), torch.randn(1, 64, 2, 2)], 100, 70)]
     for maps, pre, target in cases:
         a, grid_a = embed_by_patches(maps, 3, pre, target)
         b, grid_b = embed_by_convolution(maps, 3, pre, target)

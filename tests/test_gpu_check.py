@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.bench import gpu_check
-from experiments.bench import gpu_coreset
+from experiments.bench import gpu_check, gpu_coreset
 from experiments.bench.gpu_report import render, write_results
 from tests.conftest import REPO
 
@@ -163,7 +162,8 @@ def test_federation_verdict_needs_every_client_on_cuda(tmp_path):
     assert one_cpu.status == "failed" and "'factory-2': 'cpu'" in one_cpu.error
     three = gpu_check.judge_federation(_federation(tmp_path, {f"factory-{k}": "cuda" for k in range(3)}), 0, "", 1.0)
     assert three.status == "failed" and "3 of 4 factories" in three.error
-    assert gpu_check.judge_federation(tmp_path / "absent.json", 2, "error: x", 1.0).error.startswith("no federation.json")
+    absent = gpu_check.judge_federation(tmp_path / "absent.json", 2, "error: x", 1.0)
+    assert absent.error.startswith("no federation.json")
     cmd = gpu_check.federate_command(tmp_path, {"cpu_count": 16})
     assert "federation.client_gpus=0.25" in cmd and "federation.client_cpus=2" in cmd
     assert "federation.num_factories=4" in cmd and cmd[cmd.index("--config") + 1].endswith("configs/default.yaml")

@@ -9,10 +9,9 @@ import logging
 import numpy as np
 import pytest
 
-from federated.protocol import (FEATURES, PAYLOAD, SITE, from_flower, pack_payloads, to_flower,
-                                unpack_payloads)
 from federated.config import ExperimentConfig
 from federated.payload import PAYLOAD_FORMAT_VERSION, Payload, encode
+from federated.protocol import FEATURES, PAYLOAD, SITE, from_flower, pack_payloads, to_flower, unpack_payloads
 from federated.server_logic import aggregate_all
 from patchcore.config import load_config
 from tests.test_simulation import write_config
@@ -41,7 +40,8 @@ HOSTILE = {
                     "dtype float64 is not one of float16, float32, int8"),
     "integer features without scales": (lambda p: dataclasses.replace(p, features=p.features.astype(np.int8)),
                                         "int8 features need float32 scales"),
-    "NaN": (lambda p: dataclasses.replace(p, features=np.where(np.arange(DIM) == 3, np.nan, p.features).astype(np.float16)),
+    "NaN": (lambda p: dataclasses.replace(
+                p, features=np.where(np.arange(DIM) == 3, np.nan, p.features).astype(np.float16)),
             "non-finite values (NaN/inf) in 20 of 20 vectors"),
     "inf": (lambda p: dataclasses.replace(p, features=np.full_like(p.features, np.inf)), "non-finite values"),
     "more vectors than the cap": (lambda p: honest(3, n=31), "31 vectors exceed the limit of 30"),

@@ -12,8 +12,17 @@ from sklearn.metrics import roc_auc_score
 
 from patchcore.data.autovi import DefectSpec
 from patchcore.errors import ConfigError, DataError
-from patchcore.metrics import (aupro, auc_spro, evaluate, f1_max, image_auroc, per_defect_breakdown,
-                               pixel_auroc, saturation_area, spro_region)
+from patchcore.metrics import (
+    auc_spro,
+    aupro,
+    evaluate,
+    f1_max,
+    image_auroc,
+    per_defect_breakdown,
+    pixel_auroc,
+    saturation_area,
+    spro_region,
+)
 
 # ---------------------------------------------------------------- slow, obviously-correct references
 
@@ -316,7 +325,7 @@ def test_evaluate_bundles_metrics_and_skips_anomalous_images_without_masks():
     scores = maps.reshape(6, -1).max(1)
     has_mask = np.ones(6, bool)
     has_mask[-1] = False
-    out = evaluate(labels, scores, masks, maps, ["good" if l == 0 else "dent" for l in labels], has_mask)
+    out = evaluate(labels, scores, masks, maps, ["good" if label == 0 else "dent" for label in labels], has_mask)
     assert out["aupro"] == pytest.approx(aupro(masks[:-1], maps[:-1]))
     assert out["pixel_auroc"] == pytest.approx(pixel_auroc(masks[:-1], maps[:-1]))
     assert out["num_pixel_images"] == 5

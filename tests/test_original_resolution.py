@@ -3,10 +3,10 @@
 import numpy as np
 from PIL import Image
 
-from patchcore.fitting import evaluate_scored, fit_category, score_records
 from federated.config import ExperimentConfig
 from patchcore.config import build
 from patchcore.data import load_autovi
+from patchcore.fitting import evaluate_scored, fit_category, score_records
 from tests.test_data_loaders import make_autovi_tree
 
 
@@ -23,7 +23,8 @@ def test_autovi_metrics_at_original_size_with_spro(tmp_path):
     Image.fromarray(image).save(bad)
     config = build(ExperimentConfig, {
         "device": "cpu",
-        "data": {"format": "autovi", "root": str(root), "resize": [96, 128], "crop": None, "evaluate_at_original": True},
+        "data": {"format": "autovi", "root": str(root), "resize": [96, 128], "crop": None,
+                 "evaluate_at_original": True},
         "model": {"backbone": {"name": "resnet18", "weights": "none"}, "coreset": {"ratio": 0.5}},
     })
     records = load_autovi(root, "underbody_screw")

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from federated.errors import PayloadError
-from federated.payload import (PAYLOAD_FORMAT_VERSION, Payload, encode, raw_feature_bytes,
-                               validate)
+from federated.payload import PAYLOAD_FORMAT_VERSION, Payload, encode, raw_feature_bytes, validate
 from patchcore.errors import ConfigError
 
 DIM = 16

@@ -32,7 +32,8 @@ def bank(tmp_path_factory) -> tuple[Path, Path]:
     (whatever `fit` stores), and its test images' folder."""
     tmp = tmp_path_factory.mktemp("predict")
     assert main(["fit", "--config", str(write_config(tmp, TINY)), "--quiet", "--out", str(tmp / "run")]) == 0
-    plain = _with_metadata(tmp / "run" / "banks" / "disc.safetensors", tmp / "plain", drop=("threshold", "display_range"))
+    plain = _with_metadata(tmp / "run" / "banks" / "disc.safetensors", tmp / "plain",
+                           drop=("threshold", "display_range"))
     return plain, tmp / "synthetic" / "disc" / "test"
 
 
@@ -44,7 +45,8 @@ def test_overlay_names_are_distinct_for_same_named_inputs(tmp_path):
     assert overlay_names([tmp_path / "a" / "000.png", tmp_path / "b" / "000.png"]) == ["a__000.png", "b__000.png"]
     assert overlay_names([tmp_path / "a" / "000.png"]) == ["000.png"]  # one image: its own name
     assert overlay_names([Path("x/a/1.png"), Path("x/b/c/1.png")]) == ["a__1.png", "b__c__1.png"]
-    assert overlay_names([tmp_path / "p.jpg", tmp_path / "p.png", tmp_path / "p.jpg"]) == ["p.png", "p-2.png", "p-3.png"]
+    assert (overlay_names([tmp_path / "p.jpg", tmp_path / "p.png", tmp_path / "p.jpg"])
+            == ["p.png", "p-2.png", "p-3.png"])
 
 
 def test_predict_writes_one_overlay_per_input_and_a_results_table(bank, tmp_path, capsys):
@@ -56,7 +58,8 @@ def test_predict_writes_one_overlay_per_input_and_a_results_table(bank, tmp_path
         target.parent.mkdir(parents=True)
         inputs.append(shutil.copy(image, target))
     out = tmp_path / "pred"
-    args = ["predict", *map(str, inputs), "--bank", str(bank_path), "--threshold", "1.0", "--out", str(out), "--device", "cpu"]
+    args = ["predict", *map(str, inputs), "--bank", str(bank_path), "--threshold", "1.0", "--out", str(out),
+            "--device", "cpu"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "reject" in printed and "FAIL" not in printed and str(out / "results.csv") in printed
@@ -93,7 +96,8 @@ def test_every_overlay_of_a_bank_uses_its_display_range(bank, tmp_path, monkeypa
     assert BankScorer.load(ranged, device="cpu").display == ColorScale(0.5, 40.0, "bank")
 
 
-@pytest.mark.parametrize("display_range", [{"vmin": 3.0, "vmax": 1.0}, {"vmin": 0.0}, [0, 1], {"vmin": 0, "vmax": float("nan")}])
+@pytest.mark.parametrize("display_range",
+                         [{"vmin": 3.0, "vmax": 1.0}, {"vmin": 0.0}, [0, 1], {"vmin": 0, "vmax": float("nan")}])
 def test_unusable_display_range_is_a_one_line_bank_error(bank, tmp_path, display_range):
     bad = _with_metadata(bank[0], tmp_path / "bad", display_range=display_range)
     with pytest.raises(BankFormatError, match="display_range") as caught:
@@ -110,7 +114,8 @@ def test_color_scale_falls_back_to_the_threshold_then_to_the_image(bank, tmp_pat
         "value": 4.0, "method": "quantile", "details": {}}), device="cpu")
     assert calibrated.color_scale(result) == ColorScale(0.0, THRESHOLD_SPAN * 4.0, "threshold")
     per_image = _scorer(None).color_scale(result)
-    assert per_image.source == "image" and per_image.vmax == 10.0 and per_image.vmin == pytest.approx(np.percentile(amap, 1))
+    assert per_image.source == "image" and per_image.vmax == 10.0
+    assert per_image.vmin == pytest.approx(np.percentile(amap, 1))
 
 
 def test_decisions_are_accept_reject_or_uncalibrated():
@@ -133,6 +138,7 @@ def test_overlay_title_names_only_what_is_drawn(tmp_path, monkeypatch, with_mask
 
 def test_a_missing_image_is_one_line_before_any_bank_or_folder(tmp_path, capsys):
     missing = tmp_path / "line-a" / "000.png"
-    assert main(["predict", str(missing), "--bank", str(tmp_path / "no-bank.safetensors"), "--out", str(tmp_path / "p")]) == 2
+    assert main(["predict", str(missing), "--bank", str(tmp_path / "no-bank.safetensors"),
+                 "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: image not found: {missing}" and not (tmp_path / "p").exists()

@@ -9,8 +9,14 @@ import pytest
 import torch
 from scipy import integrate, optimize
 
-from federated.privacy import (PrivacySpec, analytic_gaussian_sigma, classical_gaussian_sigma,
-                               clip_rows, gaussian_delta, privatize)
+from federated.privacy import (
+    PrivacySpec,
+    analytic_gaussian_sigma,
+    classical_gaussian_sigma,
+    clip_rows,
+    gaussian_delta,
+    privatize,
+)
 from patchcore.errors import ConfigError
 
 EPSILONS = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)

@@ -4,16 +4,23 @@ fast (no Ray, no SuperLink)."""
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 
 from federated.config import ExperimentConfig
 from federated.plan import DRIVER_KEY, FLAT_KEYS, experiment_config, plan_factories
-from federated.protocol import (EvaluateReply, EvaluateRequest, SiteInfo, TrainRequest, from_flower,
-                                natural_key, to_flower)
+from federated.protocol import (
+    EvaluateReply,
+    EvaluateRequest,
+    SiteInfo,
+    TrainRequest,
+    from_flower,
+    natural_key,
+    to_flower,
+)
 from federated.rounds import InProcessTransport, run_rounds
 from federated.site import Site, detect_format, folder_shard
 from patchcore.config import load_config
@@ -153,7 +160,8 @@ def test_bound_factories_are_spoken_for_only_by_their_node(tiny, tmp_path):
     report = run_rounds(InProcessTransport(sites), config, tmp_path / "run", evaluate=False,
                         bindings=bindings)
     assert report["refused"] == [
-        {"factory": "factory-1", "node_id": 1, "reason": "factory-1 is not one of this federation's registered factories"},
+        {"factory": "factory-1", "node_id": 1,
+         "reason": "factory-1 is not one of this federation's registered factories"},
         {"factory": "factory-2", "node_id": 2, "reason": "factory-2 is bound to node 7"}]
     assert sorted(report["factories"]) == ["factory-0"] and not report["failed"]
     with pytest.raises(ConfigError, match="'site-nodes' must be a JSON object"):

@@ -8,10 +8,10 @@ Skipped when the folder is absent.
 
 import pytest
 
-from patchcore.fitting import fit_category, score_records
 from federated.config import ExperimentConfig
 from patchcore.config import load_config
 from patchcore.data.sources import load_records
+from patchcore.fitting import fit_category, score_records
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,8 @@ FLOORS = {
 def real_metrics(shared_mvtec):
     from tests.conftest import REPO
 
-    config = load_config(REPO / "configs" / "shared_real.yaml", ExperimentConfig, {"data.root": str(shared_mvtec), "device": "cpu"})
+    config = load_config(REPO / "configs" / "shared_real.yaml", ExperimentConfig,
+                         {"data.root": str(shared_mvtec), "device": "cpu"})
     out = {}
     for category in FLOORS:
         records = load_records(config.data, shared_mvtec, category)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.research.replay import Replay, extract, variant as _variant
+from experiments.research.replay import Replay, extract
+from experiments.research.replay import variant as _variant
 from experiments.research.sweeps import sweep_poisoning
 from federated.config import ExperimentConfig
 from federated.plan import plan_factories

@@ -21,13 +21,13 @@ from experiments.app import cli
 from experiments.app.dashboard.screenshot import Browser
 from experiments.app.local_server import free_port
 from experiments.app.predict import BankScorer, Inspection
-from patchcore.fitting import fit_category, score_records
 from experiments.app.serve import MULTIPART_OVERHEAD, create_app
 from federated.config import ExperimentConfig
 from patchcore.config import load_config
 from patchcore.data.images import decode_image, read_image
 from patchcore.data.sources import load_records
 from patchcore.errors import BankFormatError, DataError
+from patchcore.fitting import fit_category, score_records
 from patchcore.memory_bank import MemoryBank
 from patchcore.threshold import Threshold
 from tests.conftest import REPO, SHARED_MVTEC
@@ -38,15 +38,18 @@ with warnings.catch_warnings():  # starlette 1.x asks for httpx2 in its TestClie
     from fastapi.testclient import TestClient
 
 # TINY with a few more images: 8 training images separate good from defective clearly
-CONFIG = {**TINY, "data": {**TINY["data"], "synthetic": {**TINY["data"]["synthetic"], "n_train": 8, "n_test_defect": 6}}}
+CONFIG = {**TINY, "data": {**TINY["data"],
+                           "synthetic": {**TINY["data"]["synthetic"], "n_train": 8, "n_test_defect": 6}}}
 SMALL_LIMIT = 20_000  # bytes: above one 64 px synthetic PNG, far below the default 10 MiB
 
 
 def _largest_defect(root: Path) -> Path:
     """The test defect image with the largest mask (the plainest defect)."""
     def area(image: Path) -> int:
-        return int((np.asarray(Image.open(root / "ground_truth" / image.parent.name / f"{image.stem}_mask.png")) > 0).sum())
-    images = (p for p in sorted((root / "test").glob("*/*")) if p.suffix in (".png", ".jpg") and p.parent.name != "good")
+        mask = root / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+        return int((np.asarray(Image.open(mask)) > 0).sum())
+    images = (p for p in sorted((root / "test").glob("*/*"))
+              if p.suffix in (".png", ".jpg") and p.parent.name != "good")
     return max(images, key=area)
 
 
@@ -232,7 +235,8 @@ def test_oversized_uploads_are_413(served):
     assert r.status_code == 413 and "request body larger than" in r.json()["detail"]
 
     def stream():  # chunked, no Content-Length: counted as it arrives
-        yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.png\"\r\nContent-Type: image/png\r\n\r\n"
+        yield (b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.png\"\r\n"
+               b"Content-Type: image/png\r\n\r\n")
         for _ in range(40):
             yield b"\0" * 4096
 

@@ -16,8 +16,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from flwr.app import (Array, ArrayRecord, Context, Error, Message, MessageType, Metadata,
-                      RecordDict)
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, Metadata, RecordDict
 
 import experiments.app.simulation as simulation
 from clients.app import build_client_app
@@ -25,8 +24,17 @@ from federated.config import ExperimentConfig
 from federated.errors import QuorumError
 from federated.payload import Payload, encode, raw_feature_bytes
 from federated.plan import experiment_config, plan_factories
-from federated.protocol import (ASSIGNMENT, BANKS, FEATURES, PAYLOAD, TrainReply,
-                                from_flower, pack_payloads, to_flower, unpack_payloads)
+from federated.protocol import (
+    ASSIGNMENT,
+    BANKS,
+    FEATURES,
+    PAYLOAD,
+    TrainReply,
+    from_flower,
+    pack_payloads,
+    to_flower,
+    unpack_payloads,
+)
 from federated.rounds import decode_train, exchange, new_report, wait_for_nodes
 from federated.server_logic import aggregate_all, save_global_banks, upload_stats
 from federated.site import Site

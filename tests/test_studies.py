@@ -48,7 +48,8 @@ def rows(path: Path) -> list[dict[str, str]]:
 def differences(out: Path) -> dict[tuple[str, str], dict[str, float]]:
     found = {}
     for r in rows(out / "differences.csv"):
-        found[(r["comparison"], r["category"])] = {k: float(r[k]) for k in ("diff", "ci_low", "ci_high", "a_mean", "b_mean")}
+        found[(r["comparison"], r["category"])] = {k: float(r[k])
+                                                   for k in ("diff", "ci_low", "ci_high", "a_mean", "b_mean")}
     return found
 
 
@@ -93,7 +94,8 @@ def test_restrict_keeps_only_the_named_families():
     geo = restrict(shift, ("geometric",))
     assert geo.is_photometric_identity and geo.rotation == shift.rotation and geo.translation == shift.translation
     light = restrict(shift, ("illumination",))
-    assert light.is_geometric_identity and light.gradient_strength == shift.gradient_strength and light.gains == (1, 1, 1)
+    assert light.is_geometric_identity and light.gradient_strength == shift.gradient_strength
+    assert light.gains == (1, 1, 1)
     assert restrict(shift, ("photometric", "illumination", "geometric")) == shift
     with pytest.raises(Exception, match="unknown"):
         restrict(shift, ("lens",))

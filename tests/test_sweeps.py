@@ -12,7 +12,6 @@ from experiments.app.cli import main
 from tests.test_simulation import write_config
 
 
-
 def rows_of(run) -> list[dict]:
     with open(run / "sweep.csv") as handle:
         return list(csv.DictReader(handle))
@@ -22,7 +21,8 @@ def test_encoding_sweep_writes_table_plots_and_halves_bytes(tmp_path):
     config = write_config(tmp_path)
     assert main(["sweep", "encoding", "--config", str(config), "--quiet", "--out", str(tmp_path / "enc")]) == 0
     run = tmp_path / "enc"
-    assert {"sweep.csv", "report.md", "manifest.json", "image_auroc.png", "auroc_vs_bytes.png"} <= {p.name for p in run.iterdir()}
+    assert ({"sweep.csv", "report.md", "manifest.json", "image_auroc.png", "auroc_vs_bytes.png"}
+            <= {p.name for p in run.iterdir()})
     variants = sorted(p.name for p in (run / "federations").iterdir())
     assert variants == ["00", "01", "02"]  # one federation per encoding, each with its report only
     assert all((run / "federations" / v / "federated" / "federation.json").is_file() for v in variants)

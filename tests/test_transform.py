@@ -49,12 +49,14 @@ def test_backbone_id_names_the_transform_and_the_bank_must_match():
                                     "transform": {"projection_dim": 64, "clip_norm": 100.0}})
     # Lite0's default weighting concatenates its 40 + 112 channels; the paper's keeps earlier ids
     assert backbone_id(plain) == "efficientnet_lite0:layer2+layer3:p3:d152:concat"
-    paper = build(ModelConfig, {"backbone": {"name": "efficientnet_lite0", "weights": "none"}, "layer_weighting": "paper"})
+    paper = build(ModelConfig, {"backbone": {"name": "efficientnet_lite0", "weights": "none"},
+                                "layer_weighting": "paper"})
     assert backbone_id(paper) == "efficientnet_lite0:layer2+layer3:p3:d1024"
     assert backbone_id(projected) == "efficientnet_lite0:layer2+layer3:p3:d152:concat:rp64s0:clip100"
     bf16 = build(ModelConfig, {"backbone": {"name": "efficientnet_lite0", "weights": "none"}, "precision": "bfloat16",
                                "transform": {"projection_dim": 64, "clip_norm": 100.0}})
-    assert backbone_id(bf16) == "efficientnet_lite0:layer2+layer3:p3:d152:concat:bfloat16:rp64s0:clip100"  # not mixed with fp32
+    # not mixed with fp32
+    assert backbone_id(bf16) == "efficientnet_lite0:layer2+layer3:p3:d152:concat:bfloat16:rp64s0:clip100"
     model = PatchCore(projected, device="cpu")
     emb, grid = model.embed(torch.rand(2, 3, 64, 64))
     assert emb.shape == (2, grid[0] * grid[1], 64) and float(emb.norm(dim=-1).max()) <= 100 + 1e-3
@@ -85,7 +87,8 @@ def test_site_releases_clipped_vectors_plus_calibrated_noise(tmp_path):
     clip = 4.0
     on = load_config(path, ExperimentConfig, {"model.transform.clip_norm": clip, "federation.privacy.epsilon": 2.0,
                                               "federation.payload_dtype": "float32"})
-    off = load_config(path, ExperimentConfig, {"model.transform.clip_norm": clip, "federation.payload_dtype": "float32"})
+    off = load_config(path, ExperimentConfig,
+                      {"model.transform.clip_norm": clip, "federation.payload_dtype": "float32"})
     plan = plan_factories(on)
     noisy, _ = Site(on, plan.shard(0), plan.shifts).local_payloads()
     clean, _ = Site(off, plan.shard(0), plan.shifts).local_payloads()

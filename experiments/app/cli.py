@@ -6,8 +6,11 @@
     fedpatch compare  --config C            federated vs centralized vs local -> results/compare-*/
     fedpatch federate --config C [--resume RUN]   the federation alone          -> results/federate-*/
     fedpatch deploy   --config C --site NAME=DIR ...   SuperLink + SuperNodes on loopback -> results/deploy-*/
-    fedpatch sweep privacy|encoding|poisoning|ratio --config C   cost of each protection, local coreset ratio -> results/sweep-*/
-    fedpatch study NAME --config C [--seeds 0 1 2]   parity|shift|unified|factories|ratio|backbones|padim|clipping -> results/study-*/
+    fedpatch sweep privacy|encoding|poisoning|ratio --config C
+                                            cost of each protection, local coreset ratio -> results/sweep-*/
+    fedpatch study NAME --config C [--seeds 0 1 2]
+                                            parity|shift|unified|factories|ratio|backbones|padim|clipping
+                                            -> results/study-*/
     fedpatch dashboard [RESULTS_DIR]        Streamlit dashboard over compare/fit runs
     fedpatch serve    BANK                  HTTP inspection API (POST /inspect) around one bank
     fedpatch config   [--config C] [--explain [--markdown]]   the resolved config, or every key explained
@@ -106,9 +109,9 @@ def _outcome(exc: BaseException, command: str = "") -> tuple[str, str] | None:
 def cmd_fit(args: argparse.Namespace) -> int:
     config = _config(args, _overrides(args))  # first: a bad config is reported before torch loads
     from experiments.app.runs import Manifest, new_run_dir, write_config
-    from patchcore.fitting import fit_category
     from patchcore.cache import FeatureCache
     from patchcore.data.sources import categories, data_root, load_records
+    from patchcore.fitting import fit_category
     from patchcore.model import PatchCore
 
     root = data_root(config.data, config.seed)
@@ -126,9 +129,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         model, _ = fit_category(config, category, recs, progress=not args.quiet, model=model)
         path, _ = model.bank.save(run_dir / "banks" / category)
         manifest.time(f"fit.{category}", time.time() - start)
-        banks[category] = {"path": str(path), "size": len(model.bank), "threshold": model.bank.metadata.get("threshold")}
-        print(f"{category}: bank {len(model.bank)} x {model.bank.dim} from {model.bank.metadata['num_patches']} patches "
-              f"({time.time() - start:.1f} s) -> {path}")
+        banks[category] = {"path": str(path), "size": len(model.bank),
+                           "threshold": model.bank.metadata.get("threshold")}
+        print(f"{category}: bank {len(model.bank)} x {model.bank.dim} "
+              f"from {model.bank.metadata['num_patches']} patches ({time.time() - start:.1f} s) -> {path}")
     manifest.write(status="complete", banks=banks)
     print(f"run folder: {run_dir}")
     return 0
@@ -137,11 +141,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from experiments.app.reports import METRIC_COLUMNS, flat_metrics, format_table, write_evaluation
     from experiments.app.runs import Manifest, new_run_dir
-    from patchcore.fitting import evaluate_scored, score_records
     from federated.config import ExperimentConfig
     from patchcore.config import load_config
     from patchcore.data.sources import data_root, load_records
     from patchcore.errors import BankFormatError
+    from patchcore.fitting import evaluate_scored, score_records
     from patchcore.memory_bank import MemoryBank
     from patchcore.metrics import f1_max
     from patchcore.model import PatchCore
@@ -166,8 +170,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate_scored(scored, config, root, category)
         stored = bank.metadata.get("threshold")
         threshold = stored["value"] if stored else f1_max(scored.labels, scored.scores)[1]
-        metrics["threshold_source"] = (f"{stored['method']} on {stored.get('details', {}).get('source', 'validation split')}"
-                                       if stored else "f1-max on the test set (optimistic)")
+        metrics["threshold_source"] = (
+            f"{stored['method']} on {stored.get('details', {}).get('source', 'validation split')}"
+            if stored else "f1-max on the test set (optimistic)")
         results[category] = (scored, metrics, float(threshold))
     summary = write_evaluation(out, results, config, overlays=args.overlays)
     manifest.write(status="complete", banks={c: str(bank_dir / f"{c}.safetensors") for c in banks})
@@ -207,8 +212,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# compare, federate, sweep and deploy check their config here (sweep: research/commands.py), before importing their modules
-# (which import torch, flwr and ray), and then read it again themselves.
+# compare, federate, sweep and deploy check their config here (sweep: research/commands.py), before importing their
+# modules (which import torch, flwr and ray), and then read it again themselves.
 def cmd_federate(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     _config(args, overrides)
@@ -263,14 +268,16 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedpatch", description="Federated PatchCore for industrial anomaly detection.")
+    parser = argparse.ArgumentParser(prog="fedpatch",
+                                     description="Federated PatchCore for industrial anomaly detection.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
         p.add_argument("--config", required=config_required, help="YAML config (see configs/)")
         p.add_argument("--data-root", help="dataset folder (overrides data.root)")
         p.add_argument("--category", action="append", help="only this category (repeatable)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. model.coreset.ratio=0.05")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config key, e.g. model.coreset.ratio=0.05")
         p.add_argument("--out", help="output folder (must be new or empty)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -22,16 +22,16 @@ import numpy as np
 
 from experiments.app import plots
 from experiments.app.image_results import ImageResults, decision_threshold
-from experiments.app.reports import finite_mean, flat_metrics, format_table, write_table
 from experiments.app.report_md import write_report
+from experiments.app.reports import finite_mean, flat_metrics, format_table, write_table
 from experiments.app.runs import Manifest, new_run_dir, write_config, write_json
-from patchcore.fitting import evaluate_scored, fit_category, score_records
+from experiments.app.simulation import check_placeable, run_federation
 from federated.config import ExperimentConfig
 from federated.plan import plan_factories
-from experiments.app.simulation import check_placeable, run_federation
+from patchcore.cache import FeatureCache
 from patchcore.config import load_config
 from patchcore.coreset import coverage_radius
-from patchcore.cache import FeatureCache
+from patchcore.fitting import evaluate_scored, fit_category, score_records
 from patchcore.memory_bank import MemoryBank
 from patchcore.model import PatchCore
 
@@ -151,7 +151,8 @@ def upload_rows(federation: dict[str, Any]) -> list[dict[str, Any]]:
     """Bytes each factory uploaded vs its raw patch features."""
     rows = []
     for name, stats in sorted(federation.get("factories", {}).items()):
-        rows.append({"factory": name, "bytes_sent": stats.get("bytes_sent"), "raw_feature_bytes": stats.get("raw_feature_bytes"),
+        rows.append({"factory": name, "bytes_sent": stats.get("bytes_sent"),
+                     "raw_feature_bytes": stats.get("raw_feature_bytes"),
                      "upload_ratio": stats.get("upload_ratio"), "vectors_sent": stats.get("vectors_sent")})
     return rows
 
@@ -165,7 +166,8 @@ def write_plots(run_dir: Path, rows: list[dict[str, Any]], uploads: list[dict[st
         values = [v for vs in series.values() for v in vs if np.isfinite(v)]
         low = max(0.0, np.floor((min(values, default=0.0) - 0.02) * 20) / 20)  # zoom: differences are small
         paths.append(plots.grouped_bars(plan.categories, series, run_dir / f"{metric}.png", metric.replace("_", " "),
-                                        f"{metric.replace('_', ' ')}: federated vs centralized vs local", ylim=(low, 1.01)))
+                                        f"{metric.replace('_', ' ')}: federated vs centralized vs local",
+                                        ylim=(low, 1.01)))
     if uploads:
         mib = 1 / (1 << 20)
         series = {"raw patch features": [u["raw_feature_bytes"] * mib for u in uploads],
@@ -212,7 +214,8 @@ def run_compare(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     images.write()
     write_report(run_dir / "report.md", config, plan, rows, uploads, federation, manifest.data["timings_s"], figures)
     manifest.write(status="complete")
-    print(format_table(rows, ("category", "method", "image_auroc", "pixel_auroc", "aupro", "bank_size", "coverage_radius")))
+    print(format_table(rows, ("category", "method", "image_auroc", "pixel_auroc", "aupro", "bank_size",
+                              "coverage_radius")))
     if uploads:
         print()
         print(format_table(uploads, ("factory", "bytes_sent", "raw_feature_bytes", "upload_ratio")))

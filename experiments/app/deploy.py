@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, IO
+from typing import IO, Any
 
 from experiments.app.local_server import free_port
 from experiments.app.simulation import ProcessWatch
@@ -68,11 +68,12 @@ def _bin(name: str) -> str:
 
 def make_certificates(folder: Path) -> dict[str, Path]:
     """A self-signed CA and a server certificate for 127.0.0.1/localhost signed by it."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    import ipaddress
 
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -71,7 +71,8 @@ def score_histogram(labels: np.ndarray, scores: np.ndarray, path: Path, threshol
 
 
 def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], path: Path, ylabel: str,
-                 title: str, errors: Mapping[str, Sequence[float]] | None = None, ylim: tuple[float, float] | None = None) -> Path:
+                 title: str, errors: Mapping[str, Sequence[float]] | None = None,
+                 ylim: tuple[float, float] | None = None) -> Path:
     """Bars per group (e.g. category) for each series (e.g. federated / centralized / local)."""
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(groups) * max(1, len(series)) / 2), 4))
     width = 0.8 / max(1, len(series))
@@ -116,7 +117,8 @@ def privacy_curve(rows: Sequence[Mapping], path: Path) -> Path:
         xs = [float(r["epsilon"]) if np.isfinite(r["epsilon"]) else inf_x for r in mine]
         ax.plot(xs, [r["image_auroc"] for r in mine], "o-", color=color, label=f"{category} image")
         ax.plot(xs, [r["pixel_auroc"] for r in mine], "s--", color=color, label=f"{category} pixel")
-        central = next((r for r in rows if r["category"] == category and r.get("variant") == "centralized, clipped"), None)
+        central = next((r for r in rows if r["category"] == category and r.get("variant") == "centralized, clipped"),
+                       None)
         if central:
             ax.axhline(central["image_auroc"], color=color, ls=":", lw=1)
     ticks = finite + [inf_x]

@@ -115,7 +115,8 @@ def write_report(path: Path, config: Any, plan: Any, rows: list[dict[str, Any]],
         "feature (lower is better; what greedy k-center minimises).\n",
     ]
     if uploads:
-        lines += ["## Communication\n", _table(uploads, ("factory", "bytes_sent", "raw_feature_bytes", "upload_ratio", "vectors_sent"))]
+        lines += ["## Communication\n",
+                  _table(uploads, ("factory", "bytes_sent", "raw_feature_bytes", "upload_ratio", "vectors_sent"))]
     missing = federation.get("missing") or federation.get("failed") or []
     lines += ["\n## Federation health\n", f"Missing or failed factories: {missing if missing else 'none'}.\n"]
     lines += ["## Wall time per phase (s)\n", "```\n" + format_table([timings], list(timings)) + "\n```\n"]

@@ -10,10 +10,10 @@ import numpy as np
 
 from experiments.app import plots
 from experiments.app.runs import write_json
-from patchcore.fitting import ScoredSet
 from patchcore.config import Config
 from patchcore.data import ImageDataset
 from patchcore.data.sources import model_preprocess
+from patchcore.fitting import ScoredSet
 
 METRIC_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
@@ -43,7 +43,8 @@ def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
 def image_rows(category: str, scored: ScoredSet, threshold: float | None, model: str = "") -> list[dict[str, Any]]:
     rows = []
     for record, score in zip(scored.records, scored.scores):
-        decision = "" if threshold is None else ("reject" if float(score) > threshold else "accept")  # float64: see image_results
+        # float64: see image_results
+        decision = "" if threshold is None else ("reject" if float(score) > threshold else "accept")
         row = {"model": model} if model else {}
         row.update({"category": category, "image": str(record.path), "defect": record.defect,
                     "label": record.label, "score": float(score), "decision": decision})

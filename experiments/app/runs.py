@@ -43,7 +43,8 @@ def new_run_dir(output_dir: str | Path, kind: str, explicit: str | Path | None =
         if path.exists() and any(path.iterdir()):
             from patchcore.errors import ConfigError
 
-            raise ConfigError(f"output folder {path} already holds files; choose another --out (nothing was overwritten)")
+            raise ConfigError(f"output folder {path} already holds files; "
+                              "choose another --out (nothing was overwritten)")
         created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         _OPENED.append(_Opened(path, created))

@@ -30,7 +30,6 @@ from patchcore.config import load_config
 from patchcore.errors import ConfigError, FedpatchError
 from server.app import build_server_app
 
-
 log = logging.getLogger("fedpatch.simulation")
 
 

@@ -19,10 +19,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from patchcore.fitting import loader_for  # noqa: E402
 from federated.config import ExperimentConfig  # noqa: E402
 from patchcore.config import load_config  # noqa: E402
 from patchcore.data.sources import data_root, load_records  # noqa: E402
+from patchcore.fitting import loader_for  # noqa: E402
 from patchcore.model import PatchCore  # noqa: E402
 
 

@@ -80,7 +80,8 @@ def main() -> int:
                 results[route.__name__] = (1e3 * statistics.median(times) / args.batch, out)
         ref = results["embed_by_patches"][1]
         for route, (ms, out) in results.items():
-            print(f"{name:20s} {route:22s} {ms:8.2f} ms/img   max |diff| vs patches {float((out - ref).abs().max()):.1e}")
+            print(f"{name:20s} {route:22s} {ms:8.2f} ms/img   "
+                  f"max |diff| vs patches {float((out - ref).abs().max()):.1e}")
     return 0
 
 

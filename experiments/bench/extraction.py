@@ -54,8 +54,10 @@ def main() -> int:
     batches = [b["image"] for b in make_loader(ImageDataset(train, model_preprocess(data)), args.batch_size)]
     n = sum(len(b) for b in batches)
     models = {}
-    for name, (precision, nhwc) in variants(torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu")).items():
-        config = ModelConfig(backbone=BackboneConfig(args.backbone, ("layer2", "layer3"), args.weights), precision=precision)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu")
+    for name, (precision, nhwc) in variants(device).items():
+        config = ModelConfig(backbone=BackboneConfig(args.backbone, ("layer2", "layer3"), args.weights),
+                             precision=precision)
         backbones.CHANNELS_LAST = nhwc  # the extractor's memory format (default: True)
         models[name] = PatchCore(config, device=args.device)
 
@@ -105,7 +107,8 @@ def main() -> int:
               f"{med[(first, 'extract')] / e:>8.2f}{e / f:>17.2f}{diffs[name]:>11.2e}")
     p, c = med[("embed_by_patches", "embed")], med[("embed_by_convolution", "embed")]
     print(f"patch embedding alone (fp32 maps): patch route {p / n * 1e3:.1f} ms/img, convolution route "
-          f"{c / n * 1e3:.1f} ms/img ({p / c:.2f}x faster); fp32 forward {med[(first, 'forward')] / n * 1e3:.1f} ms/img")
+          f"{c / n * 1e3:.1f} ms/img ({p / c:.2f}x faster); "
+          f"fp32 forward {med[(first, 'forward')] / n * 1e3:.1f} ms/img")
     return 0
 
 

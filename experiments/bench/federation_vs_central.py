@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from patchcore.fitting import fit_category, score_records  # noqa: E402
 from experiments.app.simulation import run_federation  # noqa: E402
 from federated.config import ExperimentConfig  # noqa: E402
 from patchcore.config import load_config  # noqa: E402
 from patchcore.data.sources import data_root, load_records  # noqa: E402
+from patchcore.fitting import fit_category, score_records  # noqa: E402
 from patchcore.model import PatchCore  # noqa: E402
 
 

@@ -211,7 +211,8 @@ class Check:
         result = json.loads(result_path.read_text())
         shared = {"features": result["features"], "ratio": result["ratio"], "projection_dim": result["projection_dim"],
                   "process_s": round(seconds, 2)}  # both parts ran in one process (torch import, features)
-        return [coreset_step(name, result[part], shared) for name, part in (("coreset_cpu", "cpu"), ("coreset_gpu", "gpu"))]
+        return [coreset_step(name, result[part], shared)
+                for name, part in (("coreset_cpu", "cpu"), ("coreset_gpu", "gpu"))]
 
     def end_to_end(self) -> list[Step]:
         roots = [Path(self.mvtec_root)] if self.mvtec_root else [REPO.parent / "shared" / "data" / "mvtec",
@@ -262,21 +263,24 @@ def junit_counts(xml: Path) -> dict[str, Any] | None:
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         if bad is not None:
             message = (bad.get("message") or bad.text or "").strip().splitlines()
-            counts["first_failure"] = f"{case.get('classname')}::{case.get('name')}: {message[0][:200] if message else ''}"
+            counts["first_failure"] = (f"{case.get('classname')}::{case.get('name')}: "
+                                       f"{message[0][:200] if message else ''}")
             break
     return counts
 
 
 def judge_tests(counts: dict[str, Any] | None, rc: int, output: str, seconds: float, cuda: bool) -> Step:
     if counts is None:
-        return Step("cuda_tests", "failed", seconds, error=f"pytest wrote no junit XML (exit code {rc}): {last_line(output)}")
+        return Step("cuda_tests", "failed", seconds,
+                    error=f"pytest wrote no junit XML (exit code {rc}): {last_line(output)}")
     numbers = {k: counts[k] for k in ("tests", "passed", "skipped", "failures", "errors")}
     if counts["failures"] or counts["errors"]:
         bad = counts["failures"] + counts["errors"]
         return Step("cuda_tests", "failed", seconds, error=f"{bad} of {counts['tests']} CUDA tests failed; first: "
                     f"{counts.get('first_failure', '')}", numbers=numbers)
     if rc != 0:
-        return Step("cuda_tests", "failed", seconds, error=f"pytest exit code {rc}: {last_line(output)}", numbers=numbers)
+        return Step("cuda_tests", "failed", seconds, error=f"pytest exit code {rc}: {last_line(output)}",
+                    numbers=numbers)
     if counts["passed"] > 0:
         return Step("cuda_tests", "ok", seconds, numbers=numbers)
     if cuda:
@@ -338,8 +342,8 @@ def judge_federation(report_path: Path, rc: int, output: str, seconds: float) ->
     problems = [f"{k}: {len(report.get(k) or [])}" for k in ("failed", "missing", "rejected") if report.get(k)]
     if rc != 0 or report.get("status") != "complete" or problems:
         return Step("federation", "failed", seconds, numbers=numbers,
-                    error=f"status {report.get('status')}, exit code {rc}{'; ' + ', '.join(problems) if problems else ''}: "
-                          f"{last_line(output)}")
+                    error=f"status {report.get('status')}, exit code {rc}"
+                          f"{'; ' + ', '.join(problems) if problems else ''}: {last_line(output)}")
     not_cuda = {n: d or "not reported" for n, d in devices.items() if not d.startswith("cuda")}
     if len(devices) != FEDERATION_FACTORIES or not_cuda:
         return Step("federation", "failed", seconds, numbers=numbers,

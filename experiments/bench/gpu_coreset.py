@@ -70,7 +70,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_coreset(x: torch.Tensor, size: int, precision: str, projection_dim: int) -> tuple[dict[str, float], torch.Tensor]:
+def timed_coreset(x: torch.Tensor, size: int, precision: str,
+                  projection_dim: int) -> tuple[dict[str, float], torch.Tensor]:
     """({seconds, ms_per_step}, picks) of one greedy_coreset call on x's device (projection
     included: it is part of what a fit pays)."""
     _sync(x.device)
@@ -87,7 +88,8 @@ def radius(x: torch.Tensor, picks: torch.Tensor, device: torch.device) -> float:
     return coverage_radius(xs.index_select(0, picks.to(device)), xs)
 
 
-def cpu_part(x: torch.Tensor, ratio: float, projection_dim: int, radius_device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
+def cpu_part(x: torch.Tensor, ratio: float, projection_dim: int,
+             radius_device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
     size = coreset_size(len(x), ratio)
     numbers, picks = timed_coreset(x, size, "float32", projection_dim)
     numbers["radius"] = radius(x, picks, radius_device)
@@ -118,7 +120,8 @@ def gpu_part(x: torch.Tensor, cpu_rows: int, ratio: float, projection_dim: int,
     full = gpu_run(xg, ratio, projection_dim)
     same = gpu_run(xg[:cpu_rows], ratio, projection_dim)
     cpu_f32 = cpu["float32"]
-    same["speedup_vs_cpu_fp32"] = {p: round(cpu_f32["seconds"] / same[p]["seconds"], 2) for p in ("float32", "bfloat16")}
+    same["speedup_vs_cpu_fp32"] = {p: round(cpu_f32["seconds"] / same[p]["seconds"], 2)
+                                   for p in ("float32", "bfloat16")}
     same["radius_vs_cpu_fp32"] = {p: round(same[p]["radius"] / cpu_f32["radius"], 5) for p in ("float32", "bfloat16")}
     gpu_picks = same["float32_picks"].cpu()
     same["fp32_picks_identical"] = bool(torch.equal(gpu_picks, cpu_picks.cpu()))

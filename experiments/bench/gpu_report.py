@@ -73,7 +73,8 @@ def detail(step: dict[str, Any]) -> str:
         return (f"same {same['rows']} rows, CPU time / CUDA time: fp32 {same['speedup_vs_cpu_fp32']['float32']}x "
                 f"(radius x{same['radius_vs_cpu_fp32']['float32']}), bf16 {same['speedup_vs_cpu_fp32']['bfloat16']}x "
                 f"(radius x{same['radius_vs_cpu_fp32']['bfloat16']}); {full['rows']} rows: fp32 "
-                f"{_f(full['float32']['ms_per_step'], 3)} ms/step, bf16 {_f(full['bfloat16']['ms_per_step'], 3)} ms/step")
+                f"{_f(full['float32']['ms_per_step'], 3)} ms/step, "
+                f"bf16 {_f(full['bfloat16']['ms_per_step'], 3)} ms/step")
     if name == "end_to_end":
         per = (f" ({step['e2e_ms_per_image']} ms vs {step['forward_ms_per_image']} ms per image)"
                if "e2e_ms_per_image" in step else "")
@@ -87,8 +88,10 @@ def _coreset_section(steps: dict[str, dict[str, Any]]) -> list[str]:
     cpu, gpu = steps.get("coreset_cpu", {}), steps.get("coreset_gpu", {})
     source = cpu.get("features") or gpu.get("features") or {}
     lines = [f"Features: {source.get('source', '?')}, {source.get('rows', '?')} x {source.get('dim', '?')}; "
-             f"ratio {cpu.get('ratio', gpu.get('ratio', '?'))}, projection to {cpu.get('projection_dim', gpu.get('projection_dim', '?'))} dims.",
-             "", "| run | rows | picks | precision | seconds | ms/step | coverage radius |", "|---|---|---|---|---|---|---|"]
+             f"ratio {cpu.get('ratio', gpu.get('ratio', '?'))}, "
+             f"projection to {cpu.get('projection_dim', gpu.get('projection_dim', '?'))} dims.",
+             "", "| run | rows | picks | precision | seconds | ms/step | coverage radius |",
+             "|---|---|---|---|---|---|---|"]
     runs = []
     if cpu.get("status") == "ok":
         runs.append(("CPU", cpu, ("float32",)))
@@ -124,7 +127,8 @@ def render(data: dict[str, Any]) -> str:
                   f"{data['wall_s']} s of the {data['budget_s']:g} s budget{' (--quick)' if data['quick'] else ''}; "
                   f"exit code {data['exit_code']}. Commit {(data['git'] or {}).get('commit')}.", ""]
     env = steps.get("environment", {})
-    lines += ["## a. environment", ""] + [f"- {k}: {v}" for k, v in env.items() if k not in ("name", "status", "seconds")]
+    lines += ["## a. environment", ""] + [f"- {k}: {v}" for k, v in env.items()
+                                          if k not in ("name", "status", "seconds")]
     tests = steps.get("cuda_tests", {})
     counts = ", ".join(f"{k} {tests[k]}" for k in ("tests", "passed", "skipped", "failures", "errors") if k in tests)
     lines += ["", "## b. CUDA tests", "", "`pytest -m cuda tests/test_cuda.py tests/test_privacy.py`: "
@@ -139,5 +143,6 @@ def render(data: dict[str, Any]) -> str:
     lines += [f"- {stage}: {s} s" for stage, s in e2e.get("stages_s", {}).items()]
     fed = steps.get("federation", {})
     lines += ["", "## e. federation: 4 clients sharing one GPU (federation.client_gpus 0.25)", "", detail(fed)]
-    lines += [f"- {name}: {dev}, train {_f(fed.get('train_s', {}).get(name))} s" for name, dev in fed.get("devices", {}).items()]
+    lines += [f"- {name}: {dev}, train {_f(fed.get('train_s', {}).get(name))} s"
+              for name, dev in fed.get("devices", {}).items()]
     return "\n".join(lines) + "\n"

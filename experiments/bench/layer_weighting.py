@@ -96,7 +96,8 @@ print(json.dumps({"bank": int(model.memory_bank.shape[0]), "dim": int(model.memo
 """
 
 
-def layer_maps(extractor: FeatureExtractor, dataset: ImageDataset, desc: str) -> tuple[list[torch.Tensor], tuple[int, int]]:
+def layer_maps(extractor: FeatureExtractor, dataset: ImageDataset,
+               desc: str) -> tuple[list[torch.Tensor], tuple[int, int]]:
     """[layer2 (N, C2, h2, w2), layer3 (N, C3, h3, w3)] of every image, and the input size."""
     outs: list[list[torch.Tensor]] = [[], []]
     size = None
@@ -150,7 +151,8 @@ def common_size(records, preprocess) -> tuple[int, int]:
 
 def run_anomalib(python: str, folder: Path, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
     start = time.time()
-    result = subprocess.run([python, "-c", ANOMALIB, str(folder), str(ratio), str(seed)], capture_output=True, text=True)
+    result = subprocess.run([python, "-c", ANOMALIB, str(folder), str(ratio), str(seed)],
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"anomalib failed:\n{result.stderr[-3000:]}")
     info = json.loads(result.stdout.strip().splitlines()[-1])
@@ -178,10 +180,11 @@ def markdown(summary: list[dict]) -> str:
     def cell(r, k):
         return "—" if r[k] is None else f"{r[k]:.3f} ± {r[k + '_std']:.3f}"
 
-    lines = ["| category | preprocess | method | bank | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|---|---|"]
+    lines = ["| category | preprocess | method | bank | image AUROC | pixel AUROC | AUPRO |",
+             "|---|---|---|---|---|---|---|"]
     for r in summary:
-        lines.append(f"| {r['category']} | {r['preprocess']} | {r['method']} | {r['bank']} | {cell(r, 'image_auroc')} | "
-                     f"{cell(r, 'pixel_auroc')} | {cell(r, 'aupro')} |")
+        lines.append(f"| {r['category']} | {r['preprocess']} | {r['method']} | {r['bank']} | "
+                     f"{cell(r, 'image_auroc')} | {cell(r, 'pixel_auroc')} | {cell(r, 'aupro')} |")
     return "\n".join(lines) + "\n"
 
 

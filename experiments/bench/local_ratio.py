@@ -31,9 +31,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarise(rows: list[dict], category: str) -> list[dict]:
     """Per (partition, variant): federated - centralized, paired by seed."""
-    central = {(r["partition"], r["seed"]): r for r in rows if r["method"] == "centralized" and r["category"] == category}
+    central = {(r["partition"], r["seed"]): r for r in rows
+               if r["method"] == "centralized" and r["category"] == category}
     out = []
-    keys = sorted({(r["partition"], r["variant"]) for r in rows if r["method"] == "federated" and r["category"] == category})
+    keys = sorted({(r["partition"], r["variant"]) for r in rows
+                   if r["method"] == "federated" and r["category"] == category})
     for partition, variant in keys:
         fed = [r for r in rows if (r["partition"], r["variant"], r["category"]) == (partition, variant, category)]
         pairs = [(r, central[(partition, r["seed"])]) for r in fed]
@@ -51,12 +53,14 @@ def summarise(rows: list[dict], category: str) -> list[dict]:
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = ["| partition | variant | bank (fed / central) | Δ image AUROC | Δ pixel AUROC | Δ AUPRO | radius fed/central | MB uploaded |",
+    lines = ["| partition | variant | bank (fed / central) | Δ image AUROC | Δ pixel AUROC | Δ AUPRO "
+             "| radius fed/central | MB uploaded |",
              "|---|---|---|---|---|---|---|---|"]
     for r in summary:
         lines.append(f"| {r['partition']} | {r['variant']} | {r['bank_size']:.0f} / {r['central_bank_size']:.0f} | "
                      f"{r['d_image_auroc']:+.4f} ± {r['d_image_auroc_std']:.4f} | "
-                     f"{r['d_pixel_auroc']:+.4f} ± {r['d_pixel_auroc_std']:.4f} | {r['d_aupro']:+.4f} ± {r['d_aupro_std']:.4f} | "
+                     f"{r['d_pixel_auroc']:+.4f} ± {r['d_pixel_auroc_std']:.4f} | "
+                     f"{r['d_aupro']:+.4f} ± {r['d_aupro_std']:.4f} | "
                      f"{r['radius_ratio']:.4f} ± {r['radius_ratio_std']:.4f} | {r['bytes_sent'] / 1e6:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                          + (f" refine={cfg.refine}" if cfg.refine else ""), "faiss_ivfpq", cfg, "float32"))
     rows, ref = [], None
     for name, backend, cfg, precision in variants:
-        r = run(bank, queries, backend, cfg, args.repeats if backend != "faiss_ivfpq" else max(1, args.repeats), precision)
+        r = run(bank, queries, backend, cfg, args.repeats if backend != "faiss_ivfpq" else max(1, args.repeats),
+                precision)
         if ref is None:
             ref = r
         rel = (r["d"] - ref["d"]).abs() / ref["d"].clamp(min=1e-12)
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{rows[0]['search_s'] / row['search_s']:8.1f} {row['recall_at_1']:9.4f} {row['median_rel_err']:8.4f} "
               f"{row['image_auroc']:9.4f} {row['pixel_auroc']:9.4f}")
     if args.json:
-        args.json.write_text(json.dumps({"bank": list(bank.shape), "queries": list(queries.shape), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"bank": list(bank.shape), "queries": list(queries.shape), "rows": rows},
+                                        indent=2))
     return 0
 
 

@@ -102,15 +102,18 @@ def main() -> int:
     fwd_per_img = (fwd_train_s + fwd_test_s) / (n_train + n_test)
     e2e_per_img = (extract_s + coreset_s + score_s) / (n_train + n_test)
     print(f"device {model.device}, torch threads {torch.get_num_threads()}, backbone {args.backbone} "
-          f"({args.weights}, {args.precision}), 1-NN {'bf16 + exact re-rank' if model.bank.uses_bf16() else 'float32'}, "
+          f"({args.weights}, {args.precision}), "
+          f"1-NN {'bf16 + exact re-rank' if model.bank.uses_bf16() else 'float32'}, "
           f"coreset pruning {args.pruning}")
     print(f"category {args.category}: {n_train} train, {n_test} test images; {len(features)} patches -> bank {size}")
     print(f"decode + preprocess      {decode_s:8.2f} s   ({(n_train + n_test) / decode_s:6.1f} img/s)")
-    print(f"backbone forward alone   {fwd_train_s + fwd_test_s:8.2f} s   ({(n_train + n_test) / (fwd_train_s + fwd_test_s):6.1f} img/s)")
+    print(f"backbone forward alone   {fwd_train_s + fwd_test_s:8.2f} s   "
+          f"({(n_train + n_test) / (fwd_train_s + fwd_test_s):6.1f} img/s)")
     fwd_all = fwd_train_s + fwd_test_s
     print(f"extraction (train)       {extract_s:8.2f} s   ({n_train / extract_s:6.1f} img/s)   "
           f"{extract_s / fwd_train_s:5.2f}x the train forward")
-    print(f"coreset selection        {coreset_s:8.2f} s   ({len(features)} -> {size})   {coreset_s / fwd_all:5.2f}x the forward")
+    print(f"coreset selection        {coreset_s:8.2f} s   ({len(features)} -> {size})   "
+          f"{coreset_s / fwd_all:5.2f}x the forward")
     print(f"scoring (test)           {score_s:8.2f} s   ({n_test / score_s:6.1f} img/s)   "
           f"{score_s / fwd_test_s:5.2f}x the test forward")
     print(f"  of which 1-NN search   {search_s:8.2f} s   ({len(queries)} queries x {size})   "

@@ -23,11 +23,11 @@ import yaml  # noqa: E402
 
 import patchcore.backbones as backbones  # noqa: E402
 import patchcore.model  # noqa: E402
-from patchcore.features import embed, embed_by_convolution, embed_by_patches  # noqa: E402
-from patchcore.fitting import fit_category, score_records  # noqa: E402
 from federated.config import ExperimentConfig  # noqa: E402
 from patchcore.config import Config, load_config  # noqa: E402
 from patchcore.data.sources import data_root, load_records  # noqa: E402
+from patchcore.features import embed, embed_by_convolution, embed_by_patches  # noqa: E402
+from patchcore.fitting import fit_category, score_records  # noqa: E402
 
 VARIANTS = {"fp32": ("float32", False), "channels_last": ("float32", True), "fp32-patch-route": ("float32", False),
             "bf16": ("bfloat16", False), "bf16+channels_last": ("bfloat16", True),
@@ -79,7 +79,8 @@ def main() -> int:
     print(f"\n{'variant':<20}{'category':<10}{'image AUROC':>12}{'Δ image':>10}{'pixel AUROC':>13}{'Δ pixel':>10}")
     for name, per in results.items():
         for category, m in per.items():
-            print(f"{name:<20}{category:<10}{m['image_auroc']:>12.4f}{m['image_auroc'] - base[category]['image_auroc']:>+10.4f}"
+            print(f"{name:<20}{category:<10}"
+                  f"{m['image_auroc']:>12.4f}{m['image_auroc'] - base[category]['image_auroc']:>+10.4f}"
                   f"{m['pixel_auroc']:>13.4f}{m['pixel_auroc'] - base[category]['pixel_auroc']:>+10.4f}")
     return 0
 

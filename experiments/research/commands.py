@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     sw = sub.add_parser("sweep", help="privacy / encoding / poisoning / ratio sweep on features extracted once")
     sw.add_argument("kind", choices=("privacy", "encoding", "poisoning", "ratio"))
     common(sw)
-    sw.add_argument("--epsilons", nargs="+", metavar="EPS", help="privacy: ε values (inf allowed); default 0.5 1 2 4 8 inf")
+    sw.add_argument("--epsilons", nargs="+", metavar="EPS",
+                    help="privacy: ε values (inf allowed); default 0.5 1 2 4 8 inf")
     sw.add_argument("--keep-banks", action="store_true", help="keep each variant's global banks (federations/NN/)")
     sw.set_defaults(func=cmd_sweep)
     st = sub.add_parser("study", help="a research question in one command: report.md with paired bootstrap CIs")

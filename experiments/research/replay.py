@@ -86,7 +86,8 @@ class TestMemo:
 
 def _settings(model: PatchCore, config: ExperimentConfig) -> str:
     d = config.data
-    return json.dumps({"model": model.backbone_id, "weights": weights_identity(str(model.config.backbone.weights), model.seed),
+    return json.dumps({"model": model.backbone_id,
+                       "weights": weights_identity(str(model.config.backbone.weights), model.seed),
                        "resize": d.resize, "crop": d.crop}, sort_keys=True)
 
 

@@ -23,9 +23,9 @@ from experiments.app import plots
 from experiments.app.compare import result_rows, run_centralized, run_local, score_federated, upload_rows
 from experiments.app.reports import write_table
 from experiments.app.runs import Manifest, new_run_dir, write_json
+from experiments.app.simulation import run_federation
 from federated.config import ExperimentConfig
 from federated.plan import plan_factories
-from experiments.app.simulation import run_federation
 from patchcore.config import load_config
 from patchcore.errors import FedpatchError
 
@@ -35,7 +35,8 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro")
 def run_study(args: argparse.Namespace) -> list[dict[str, Any]]:
     base = load_config(args.config, ExperimentConfig, {})
     if base.federation.domain_shift:
-        raise FedpatchError("seed_study reuses one centralized fit across partitions: set federation.domain_shift false")
+        raise FedpatchError("seed_study reuses one centralized fit across partitions: "
+                            "set federation.domain_shift false")
     out = new_run_dir(base.output_dir, "study", args.out)
     manifest = Manifest(out, base, "seed_study")
     manifest.write(status="running", seeds=args.seeds, partitions=args.partitions)

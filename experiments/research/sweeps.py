@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from experiments.research.replay import Replay, extract, variant
 from experiments.app.reports import format_table, write_table
 from experiments.app.runs import Manifest, new_run_dir, write_json
+from experiments.research.replay import Replay, extract, variant
 from federated.config import POISON_MODES, ExperimentConfig
 from federated.partition import factory_name
 from federated.plan import plan_factories

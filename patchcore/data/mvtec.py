@@ -12,7 +12,6 @@ order, and fail on the first layout problem with one line naming the folder or f
 from __future__ import annotations
 
 import logging
-
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path

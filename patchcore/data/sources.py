@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from patchcore.config import DataConfig
-from patchcore.data.coverage import warn_lost_area
 from patchcore.data.autovi import AUTOVI_CATEGORIES, load_autovi
+from patchcore.data.coverage import warn_lost_area
 from patchcore.data.mvtec import has_validation, list_categories, load_mvtec, load_mvtec3d_rgb
 from patchcore.data.records import ImageRecord
 from patchcore.data.synthetic import Difficulty, make_synthetic_dataset

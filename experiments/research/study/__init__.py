@@ -5,7 +5,8 @@ Kept free of heavy imports: the command line checks the study name and config be
 
 STUDIES = {
     "parity": "federated vs centralized vs each factory alone (any dataset: AutoVI too)",
-    "shift": "clean -> shifted: no adaptation, re-calibrated threshold, re-fit; severities, families, some factories shifted",
+    "shift": "clean -> shifted: no adaptation, re-calibrated threshold, re-fit; "
+             "severities, families, some factories shifted",
     "unified": "one bank for all categories vs one per category; cross-category scores",
     "factories": "1-32 factories at equal total data and at equal data per factory",
     "ratio": "local and global coreset ratios: AUROC and coverage radius vs bank size",

@@ -75,7 +75,8 @@ def diagnostics(norms: Norms, r: float, q: float, seed: int) -> list[dict[str, A
         row = {"quantile": q, "category": category, "seed": seed, "radius": r,
                "train_patches_clipped": float((norms.train[category] > r).float().mean())}
         for value, kind in ((1, "defective"), (0, "good")):
-            row[f"{kind}_worst_patch_clipped"] = float((worst[labels == value] > r).mean()) if (labels == value).any() else None
+            row[f"{kind}_worst_patch_clipped"] = (float((worst[labels == value] > r).mean())
+                                                  if (labels == value).any() else None)
         row["auroc_of_max_norm"] = float(auroc(labels, worst)) if 0 < labels.sum() < len(labels) else None
         rows.append(row)
     return rows
@@ -116,10 +117,12 @@ def _findings(diffs: list[dict[str, Any]]) -> list[str]:
         up = [d for d in mine if d["real"] and d["diff"] > 0]
         down = [d for d in mine if d["real"] and d["diff"] < 0]
         out.append(f"{method}: clipping gains beyond noise in {len(up)} of {len(mine)} (radius, category) cells"
-                   + (" (" + ", ".join(f"{d['comparison'].split(' −')[0]} {d['category']} {d['diff']:+.3f}" for d in up) + ")"
+                   + (" (" + ", ".join(f"{d['comparison'].split(' −')[0]} {d['category']} {d['diff']:+.3f}"
+                                       for d in up) + ")"
                       if up else "")
                    + f", loses in {len(down)}"
-                   + (" (" + ", ".join(f"{d['comparison'].split(' −')[0]} {d['category']} {d['diff']:+.3f}" for d in down) + ")"
+                   + (" (" + ", ".join(f"{d['comparison'].split(' −')[0]} {d['category']} {d['diff']:+.3f}"
+                                       for d in down) + ")"
                       if down else "") + ".")
     control = [d for d in diffs if "control" in d["comparison"]]
     if control:

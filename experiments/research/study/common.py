@@ -16,7 +16,8 @@ def sizes(banks: dict[str, torch.Tensor]) -> dict[str, int]:
 
 def both(study: Study, replay: Replay, condition: str, seed: int, factories: list[int] | None = None,
          test: dict[str, TestSet] | None = None, config: Any = None, coverage: bool = True,
-         names: tuple[str, str] = ("centralized", "federated")) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+         names: tuple[str, str] = ("centralized", "federated"),
+         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """Centralized and federated banks of `factories` (default all), both scored on the same
     test images and added to the study's results under `condition`; returns (central, federated,
     federation report)."""

@@ -183,8 +183,8 @@ class Study:
             if plan_edit is not None:
                 plan = plan_edit(plan)
             data = extract(config, plan, self.model(config), None, self.progress, cache=self.cache, memo=self.memo)
-            self._replays[key] = Replay(config, data, self.progress, plan, self.out / "replays" / f"{len(self._replays):03d}",
-                                        cache=self.cache)
+            self._replays[key] = Replay(config, data, self.progress, plan,
+                                        self.out / "replays" / f"{len(self._replays):03d}", cache=self.cache)
             self.tick("extract", time.time() - start)
         return self._replays[key]
 

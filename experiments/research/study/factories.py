@@ -62,7 +62,8 @@ def run(study: Study) -> None:
         study.say(f"seed {seed}: done")
     pairs = [(f"{n} factories, equal total: federated − centralized", (f"{n} × equal share of all", "federated"),
               ("all images", "centralized")) for n in grid]
-    pairs += [(f"{n} factories, equal per factory: federated − centralized", (f"{n} × 1/{max(grid)} of the data", "federated"),
+    pairs += [(f"{n} factories, equal per factory: federated − centralized",
+               (f"{n} × 1/{max(grid)} of the data", "federated"),
                (f"{n} × 1/{max(grid)} of the data", "centralized")) for n in grid]
     diffs = study.results.difference_rows(pairs)
     findings = [f"{d['comparison'].split(':')[0]} — " + verdict(d, "federated", "centralized") for d in diffs
@@ -79,11 +80,13 @@ def _plots(study: Study, grid: list[int]):
                           ("bytes_sent", "bytes uploaded"), ("wall_s", "federation wall time (s)")):
         series = {}
         for c in categories:
-            for setting, cond in (("equal total", "{n} × equal share of all"), ("equal each", "{n} × 1/%d of the data" % max(grid))):
+            for setting, cond in (("equal total", "{n} × equal share of all"),
+                                  ("equal each", "{n} × 1/%d of the data" % max(grid))):
                 rows = [find.get((cond.format(n=n), "federated", c)) for n in grid]
                 if all(r is not None and metric in r for r in rows):
                     series[f"{c}, {setting}"] = ([r[metric] for r in rows],
-                                                 [r["image_auroc_std"] if metric == "image_auroc_mean" else 0 for r in rows])
+                                                 [r["image_auroc_std"] if metric == "image_auroc_mean" else 0
+                                                  for r in rows])
         if series:
             out.append(lines(grid, series, study.out / f"factories_{metric.replace('_mean', '')}.png",
                              "factories", label, f"{label} vs number of factories", logx=True))

@@ -45,7 +45,8 @@ def run(study: Study) -> None:
     names = [f"global {g:.0%}" for g in grid]
     pairs = []
     for n in names:
-        pairs += [(f"{n}: federated (local = global) − centralized", (n, "federated, local = global"), (n, "centralized")),
+        pairs += [(f"{n}: federated (local = global) − centralized", (n, "federated, local = global"),
+                   (n, "centralized")),
                   (f"{n}: local 2x − local 1x", (n, "federated, local = 2x global"), (n, "federated, local = global"))]
     diffs = study.results.difference_rows(pairs)
     findings = [f"{d['comparison'].split(':')[0]} — " + verdict(d) for d in diffs
@@ -74,7 +75,8 @@ def _plots(study: Study, names: list[str], grid: tuple[float, ...]):
         series = {}
         for category in sorted({r["category"] for r in summary}):
             for method in ("centralized", "federated, local = global", "federated, local = 2x global"):
-                rows = [next((r for r in summary if (r["condition"], r["method"], r["category"]) == (n, method, category)), None)
+                rows = [next((r for r in summary
+                              if (r["condition"], r["method"], r["category"]) == (n, method, category)), None)
                         for n in names]
                 if all(r is not None and metric in r for r in rows):
                     series[f"{category} {method}"] = ([r[metric] for r in rows],

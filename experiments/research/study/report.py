@@ -175,7 +175,8 @@ def write_report(study: Study, title: str, what: str, findings: list[str], diffe
               f"Data: {c.data.format} ({', '.join(sorted({r.category for r in study.results.runs}))}), "
               f"backbone {c.model.backbone.name} ({c.model.layer_weighting} weighting), coreset "
               f"{c.model.coreset.ratio:g} ({c.model.coreset.method}), {c.federation.num_factories} factories "
-              f"({c.federation.partition}), seeds {study.seeds}." + (f"\n\nCommand: `{command}`" if command else ""), ""]
+              f"({c.federation.partition}), seeds {study.seeds}."
+              + (f"\n\nCommand: `{command}`" if command else ""), ""]
     for t in (summary_table(study), *([difference_table(differences)] if differences else []), *tables):
         lines_ += [f"## {t.title}", markdown(t.rows, t.columns)]
         if t.note:

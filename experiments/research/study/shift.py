@@ -59,7 +59,8 @@ def decisions(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[
 
 
 def recalibration(study: Study, seed: int, name: str, shifted: Replay, banks: dict[str, dict[str, Any]],
-                  no_adaptation: dict[str, dict[str, Any]], clean_held: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+                  no_adaptation: dict[str, dict[str, Any]],
+                  clean_held: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Decisions on shifted test images (`no_adaptation`: the clean banks' ScoredSets there) at
     thresholds from clean held-out normals (`clean_held`, scored once per seed) vs shifted ones."""
     rows = []
@@ -110,10 +111,14 @@ def _adapt(study: Study, seed: int, name: str, clean: Replay, shifted: Replay,
 def comparisons(names: list[str]) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
     pairs = []
     for name in names:
-        pairs += [(f"{name}: cost of the shift, federated", (name, "federated, no adaptation"), ("clean", "federated")),
-                  (f"{name}: cost of the shift, centralized", (name, "centralized, no adaptation"), ("clean", "centralized")),
-                  (f"{name}: re-fit gain, federated", (name, "federated, re-fit"), (name, "federated, no adaptation")),
-                  (f"{name}: federated − centralized, re-fit", (name, "federated, re-fit"), (name, "centralized, re-fit"))]
+        pairs += [(f"{name}: cost of the shift, federated", (name, "federated, no adaptation"),
+                   ("clean", "federated")),
+                  (f"{name}: cost of the shift, centralized", (name, "centralized, no adaptation"),
+                   ("clean", "centralized")),
+                  (f"{name}: re-fit gain, federated", (name, "federated, re-fit"),
+                   (name, "federated, no adaptation")),
+                  (f"{name}: federated − centralized, re-fit", (name, "federated, re-fit"),
+                   (name, "centralized, re-fit"))]
     return pairs
 
 
@@ -172,7 +177,8 @@ def _mean_calibration(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         groups.setdefault((r["condition"], r["method"], r["category"], r["threshold_from"]), []).append(r)
     return [{"condition": k[0], "method": k[1], "category": k[2], "threshold_from": k[3],
-             **{m: float(np.mean([r[m] for r in g])) for m in ("threshold", "false_reject_rate", "detection_rate", "f1")}}
+             **{m: float(np.mean([r[m] for r in g]))
+                for m in ("threshold", "false_reject_rate", "detection_rate", "f1")}}
             for k, g in groups.items()]
 
 

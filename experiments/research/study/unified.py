@@ -96,7 +96,8 @@ def run(study: Study) -> None:
     per = "one bank per category"
     pairs = [("unified − per category, centralized", ("one bank for all", "centralized"), (per, "centralized")),
              ("unified − per category, federated", ("one bank for all", "federated"), (per, "federated")),
-             ("unified: federated − centralized", ("one bank for all", "federated"), ("one bank for all", "centralized"))]
+             ("unified: federated − centralized", ("one bank for all", "federated"),
+              ("one bank for all", "centralized"))]
     diffs = study.results.difference_rows(pairs)
     findings = [f"{d['comparison']} — " + verdict(d, "unified" if "unified −" in d["comparison"] else None,
                                                   "per category" if "unified −" in d["comparison"] else None)
@@ -119,8 +120,10 @@ def _origin_table(rows: list[dict[str, Any]]) -> Table:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["category"], r["images"]), []).append(r)
-    shown = [{"category": c, "images": k, "other_category_share": float(np.mean([r["other_category_share"] for r in g])),
-              "per_category_bank_size": g[0]["per_category_bank_size"], "unified_bank_size": g[0]["unified_bank_size"]}
+    shown = [{"category": c, "images": k,
+              "other_category_share": float(np.mean([r["other_category_share"] for r in g])),
+              "per_category_bank_size": g[0]["per_category_bank_size"],
+              "unified_bank_size": g[0]["unified_bank_size"]}
              for (c, k), g in groups.items()]
     return Table("nearest_origin", "Unified centralized bank: share of test images whose worst patch's nearest "
                  "neighbour comes from another category (mean over seeds)", shown,
