@@ -331,3 +331,21 @@ def test_the_import_light_backbone_names_are_the_registry():
     from patchcore.config import BACKBONES
 
     assert tuple(REGISTRY) == BACKBONES
+
+
+def test_serve_port_is_checked_before_uvicorn(capsys):
+    import socket
+
+    from experiments.app.cli import _check_bindable, build_parser
+    from patchcore.errors import ConfigError
+
+    with pytest.raises(SystemExit) as exc:  # argparse: out of range -> usage line, exit 2
+        build_parser().parse_args(["serve", "bank.safetensors", "--port", "99999"])
+    assert exc.value.code == 2 and "must be in 1-65535, got 99999" in capsys.readouterr().err
+    with socket.socket() as taken:  # bound (not listening): the address is in use all the same
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"cannot serve on 127.0.0.1:{port}: .*choose another --port"):
+            _check_bindable("127.0.0.1", port)
+    with pytest.raises(ConfigError, match="--host 'no such host.invalid' does not resolve"):
+        _check_bindable("no such host.invalid", 8000)

@@ -196,6 +196,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return predict_images(args)
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 1-65535 (uvicorn hangs on an out-of-range one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer port, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1-65535, got {port}")
+    return port
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """One line instead of uvicorn's log and traceback when the address is taken or invalid."""
+    import socket
+
+    from patchcore.errors import ConfigError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host!r} does not resolve: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve on {host}:{port}: {exc.strerror} (choose another --port)") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from experiments.app.serve import create_app
 
@@ -205,6 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
     app = create_app(args.bank, device=args.device, threshold=args.threshold,
                      max_upload_bytes=int(args.max_upload_mb * 2**20))  # a bad bank fails here, in one line
+    _check_bindable(args.host, args.port)
     import uvicorn
 
     print(f"serving {args.bank} on http://{args.host}:{args.port} (docs: /docs)")
@@ -322,12 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     dash = sub.add_parser("dashboard", help="Streamlit dashboard: per-image decisions, heatmaps, federation view")
     dash.add_argument("results_dir", nargs="?", default="results", metavar="RESULTS_DIR",
                       help="folder of runs, or one run folder (default: results)")
-    dash.add_argument("--port", type=int, default=8501)
+    dash.add_argument("--port", type=_port, default=8501)
     dash.set_defaults(func=cmd_dashboard)
     srv = sub.add_parser("serve", help="HTTP inspection API around one bank: POST /inspect, GET /health, /model, /docs")
     srv.add_argument("bank", help="a .safetensors bank (its .json beside it)")
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=_port, default=8000)
     srv.add_argument("--threshold", type=float, help="decision threshold (default: the bank's calibrated one)")
     srv.add_argument("--device", default="auto")
     srv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB")
