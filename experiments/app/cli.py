@@ -14,6 +14,7 @@
     fedpatch dashboard [RESULTS_DIR]        Streamlit dashboard over compare/fit runs
     fedpatch serve    BANK                  HTTP inspection API (POST /inspect) around one bank
     fedpatch config   [--config C] [--explain [--markdown]]   the resolved config, or every key explained
+    fedpatch audit    --config C            what a curious server learns from an upload -> results/audit-*/
 
 A command's config is read and checked before torch, flwr or ray load (a typo costs a fraction of a
 second). A run that fails leaves its folder's manifest saying so ("failed" / "interrupted", the
@@ -269,6 +270,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return run_deploy(args, overrides)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    _config(args, overrides)  # a bad config fails before torch loads
+    from experiments.app.audit import run_audit
+
+    return run_audit(args, overrides)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     """The resolved config as YAML (defaults without --config), or --explain: every key (dotted),
     its type, default (or the file's value), allowed values and what it does."""
@@ -341,6 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--site", action="append", required=True, metavar="NAME=FOLDER",
                      help="a site and its own image folder (repeat per site)")
     dep.set_defaults(func=cmd_deploy)
+    aud = sub.add_parser("audit", help="privacy audit: what a curious server learns from one factory's upload "
+                         "(inversion, membership, attribution) under each payload setting")
+    common(aud)
+    aud.add_argument("--factory", type=int, default=0, help="the victim factory's id (default 0)")
+    aud.add_argument("--settings", nargs="+", metavar="FAMILY", help="payload settings to audit (default all): "
+                     "config fp32 fp16 int8 projection clip dp padim")
+    aud.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 64.0, 512.0, 4096.0], help="DP epsilons")
+    aud.add_argument("--projections", nargs="+", type=int, default=[256, 128], help="shared projection sizes")
+    aud.add_argument("--clip-norm", type=float, help="clip radius of the clip and DP settings (default: "
+                     "model.transform.clip_norm, else the 90th percentile of the attacker's own embedding norms)")
+    aud.add_argument("--attacker", nargs="+", choices=("other-product", "same-product", "synthetic"),
+                     default=["other-product", "same-product", "synthetic"], help="the attacker's own images")
+    aud.add_argument("--decoder", nargs="+", choices=("ridge", "mlp"), default=["ridge", "mlp"], help="inversion decoders")
+    aud.add_argument("--window", type=int, default=8, help="pixels under a grid cell: the window centred on it (8)")
+    aud.add_argument("--max-candidates", type=int, default=200, help="membership images per class, at most")
+    aud.add_argument("--max-attacker-rows", type=int, default=60000, help="attacker training patches, at most")
+    aud.add_argument("--mlp-seconds", type=float, default=30.0, help="time cap of one MLP decoder's training")
+    aud.add_argument("--synthetic-images", type=int, default=24, help="synthetic attacker images per product")
+    aud.set_defaults(func=cmd_audit)
     cfg = sub.add_parser("config", help="print the resolved config, or --explain: every key, its type, "
                          "default, allowed values and what it does")
     cfg.add_argument("--config", help="a YAML config: its values instead of the defaults")
