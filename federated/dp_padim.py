@@ -107,17 +107,10 @@ class DpPadimSpec:
             b = getattr(self, name)
             if b is not None and not (isinstance(b, int) and b >= 1):
                 raise ConfigError(f"dp_padim: {name} must be an integer >= 1 or None, got {b!r}")
-        if self.cov_block is not None and self.mean_block is None:
-            raise ConfigError("dp_padim: per-block covariances need per-block means (mean_block) at least as fine")
-        if self.cov_block is not None and self.mean_block is not None and self.cov_block % self.mean_block:
-            raise ConfigError(f"dp_padim: cov_block {self.cov_block} must be a multiple of mean_block "
-                              f"{self.mean_block}")
         if self.cov_block is not None and self.scale_block is not None and self.cov_block % self.scale_block:
+            # a scale block's variance is compared with the trace of the one covariance block it lies in
             raise ConfigError(f"dp_padim: cov_block {self.cov_block} must be a multiple of scale_block "
                               f"{self.scale_block}")
-        if self.scale_block is not None and self.mean_block is not None and self.scale_block % self.mean_block \
-                and self.mean_block % self.scale_block:
-            raise ConfigError(f"dp_padim: scale_block {self.scale_block} and mean_block {self.mean_block} must nest")
         shares = dict(self.shares)
         if set(shares) - set(PARTS) or any(not (w >= 0) for w in shares.values()):
             raise ConfigError(f"dp_padim: shares must be >= 0 for parts among {PARTS}, got {shares}")

@@ -138,7 +138,7 @@ def test_spec_refuses_what_would_break_the_guarantee_or_the_blocks():
     with pytest.raises(ConfigError, match="budget share"):
         DpPadimSpec(epsilon=8.0, clips=Clips(1.0, 1.0, 1.0), shares=(("count", 1.0), ("second", 1.0)))
     with pytest.raises(ConfigError, match="multiple"):
-        DpPadimSpec(epsilon=math.inf, mean_block=3, cov_block=4)
+        DpPadimSpec(epsilon=math.inf, scale_block=3, cov_block=4)
     with pytest.raises(ConfigError):
         DpPadimSpec(epsilon=0.0)
     with pytest.raises(ConfigError):
