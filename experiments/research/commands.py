@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     sw.add_argument("--keep-banks", action="store_true", help="keep each variant's global banks (federations/NN/)")
     sw.set_defaults(func=cmd_sweep)
     st = sub.add_parser("study", help="a research question in one command: report.md with paired bootstrap CIs")
-    st.add_argument("name", metavar="NAME", help="parity, shift, unified, factories, ratio, backbones, padim, clipping")
+    st.add_argument("name", metavar="NAME",
+                    help="parity, shift, unified, factories, ratio, backbones, padim, clipping, dp_padim")
     common(st)
     st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     st.add_argument("--levels", nargs="+", metavar="LEVEL",

@@ -13,4 +13,5 @@ STUDIES = {
     "backbones": "every backbone whose weights are at hand, same protocol",
     "padim": "PaDiM (per-position Gaussian, exact federated form) vs PatchCore, bytes included",
     "clipping": "clipping patch embeddings at quantiles of their norms, PatchCore and PaDiM",
+    "dp_padim": "DP-PaDiM: (ε, δ)-DP per training image at ε 1/4/8, vs PaDiM and PatchCore (federated, centralized)",
 }
