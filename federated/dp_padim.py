@@ -10,7 +10,7 @@ What one factory releases, per image i with embeddings x_il (position l of L, d 
 data-independent channel subset), after centring (`centre="image"`: x_il minus the image's own
 mean embedding, a function of that image alone; `"none"`: raw):
 
-- count      N = number of images                                  (Δ = 1)
+- count      N = number of images                                  (Δ = 1), only with a mean
 - mean       Σ_i A_i, A_i (G_m, d) = the image's mean vector per position block   (Δ = clip.mean)
 - second     Σ_i B_i, B_i (G_c, d, d) = the image's mean of x xᵀ per block        (Δ = clip.second)
              released as [diagonal, sqrt(2)·upper triangle] so the vector's norm is ||B_i||_F:
@@ -18,7 +18,10 @@ mean embedding, a function of that image alone; `"none"`: raw):
 - scale      Σ_i T_i, T_i (G_s,) = the image's mean |x|² per position block       (Δ = clip.scale)
 
 Blocks are squares of `*_block` grid positions (None: the whole grid, one block). With
-`centre="image"` and one mean block, A_i is identically 0 and is not released. Each of A_i, B_i,
+`centre="image"` and one mean block, A_i is identically 0 and is not released, and then neither
+is the count: without a mean, N only scales the covariance, its noise floor and the block
+variances alike, which changes no ranking of Mahalanobis scores, so the server uses a nominal N
+(the budget goes to the parts that matter; at ε = inf the exact count is sent, free). Each of A_i, B_i,
 T_i is scaled down as a whole when its L2/Frobenius norm exceeds its radius (per-image clipping,
 the image-level analogue of DP-SGD's per-example clipping). The radii must not be tuned on the
 private data: `public_clips` measures them (a quantile of the per-image norms) on PUBLIC images
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Iterable, Sequence
 
 import torch
@@ -59,6 +63,7 @@ from patchcore.padim import DEFAULT_DIMS, DEFAULT_EPS, PadimGaussian, mahalanobi
 CENTRES = ("image", "none")
 PARTS = ("count", "mean", "second", "scale")
 DEFAULT_SHARES = {"count": 0.05, "mean": 0.25, "second": 0.45, "scale": 0.25}
+NOMINAL_COUNT = 2.0  # the N used when no count is released (any value gives the same rankings)
 MIN_SCALE = 0.05  # variance ratios below this are taken as this (a block can't be near-deterministic)
 CHUNK_BYTES = 64 << 20
 
@@ -125,9 +130,11 @@ class DpPadimSpec:
 
     def released(self) -> tuple[str, ...]:
         """The parts a factory sends: the mean only when it is not identically 0."""
-        parts = ["count", "second"]
+        parts = ["second"]
         if not (self.centre == "image" and self.mean_block is None):
-            parts.insert(1, "mean")
+            parts[:0] = ["count", "mean"]
+        elif math.isinf(self.epsilon):
+            parts.insert(0, "count")  # exact and free when nothing is private anyway
         if self.scale_block is not None:
             parts.append("scale")
         return tuple(parts)
@@ -223,7 +230,7 @@ def per_image(x: torch.Tensor, grid: tuple[int, int], spec: DpPadimSpec) -> Iter
 class Release:
     """What one factory sends (noisy) and what it cost."""
 
-    count: float
+    count: float | None  # None: not released (no mean released, so it changes no score)
     mean: torch.Tensor  # (G_m, d) Σ_i A_i + noise (zeros, not sent, when the mean is not released)
     second: torch.Tensor  # (G_c, d, d) Σ_i B_i + symmetric noise
     scale: torch.Tensor | None  # (G_s,) Σ_i T_i + noise
@@ -234,7 +241,8 @@ class Release:
         if self.second.shape != other.second.shape or self.mean.shape != other.mean.shape:
             raise ConfigError("DP-PaDiM releases of different shapes cannot be added")
         scale = None if self.scale is None else self.scale + other.scale
-        return Release(self.count + other.count, self.mean + other.mean, self.second + other.second, scale,
+        count = None if self.count is None or other.count is None else self.count + other.count
+        return Release(count, self.mean + other.mean, self.second + other.second, scale,
                        self.ledger, {})
 
 
@@ -272,8 +280,8 @@ def release(emb: torch.Tensor, grid: tuple[int, int], spec: DpPadimSpec, indices
             clipped[name] += k
     sig = spec.sigmas()
     parts = spec.released()
-    count = float(len(x))
-    if sig["count"] > 0:
+    count = float(len(x)) if "count" in parts else None
+    if count is not None and sig["count"] > 0:
         count += float(torch.randn((), generator=generator, dtype=torch.float64)) * sig["count"]
     if "mean" in parts:
         if sig["mean"] > 0:
@@ -312,15 +320,18 @@ class DpPadim:
     spec: DpPadimSpec
     indices: torch.Tensor
     grid: tuple[int, int]
-    gaussian: PadimGaussian  # per-position mean (L, d), covariance (L, d, d)
+    mean: torch.Tensor  # (L, d) per-position mean
+    cov: torch.Tensor  # (G_c, d, d) one covariance per covariance block, floored and regularised
+    precision: torch.Tensor  # (G_c, d, d) its inverse (from the same eigendecomposition)
+    cov_ids: torch.Tensor  # (L,) the covariance block of each position
     ratio: torch.Tensor  # (L,) variance ratio of each position's scale block (1 without scales)
-    count: float
+    count: float | None  # the noisy image count; None when it was not released
     config: ModelConfig = field(default_factory=ModelConfig)
 
     @classmethod
     def from_release(cls, total: Release, spec: DpPadimSpec, indices: torch.Tensor, grid: tuple[int, int],
                      sites: int = 1, config: ModelConfig | None = None) -> "DpPadim":
-        n = max(float(total.count), 2.0)
+        n = max(float(total.count), 2.0) if total.count is not None else NOMINAL_COUNT
         mean_ids, _ = block_ids(grid, spec.mean_block)
         cov_ids, cov_groups = block_ids(grid, spec.cov_block)
         mu = (total.mean / n)[mean_ids]  # (L, d)
@@ -336,6 +347,7 @@ class DpPadim:
         if spec.floor == 0:
             evals = evals.clamp_min(spec.eps * 1e-3)  # PSD (an unfloored noisy estimate can be indefinite)
         cov = (evecs * evals.unsqueeze(1)) @ evecs.transpose(1, 2)
+        precision = (evecs / evals.unsqueeze(1)) @ evecs.transpose(1, 2)
         ratio = torch.ones(grid[0] * grid[1], dtype=torch.float64)
         if total.scale is not None:
             scale_ids, scale_groups = block_ids(grid, spec.scale_block)
@@ -353,15 +365,31 @@ class DpPadim:
                 keep = max(0.0, 1.0 - float((noise_sd ** 2).mean()) / max(float(raw.var()), 1e-300))
                 raw = centre + keep * (raw - centre)
             ratio = raw.clamp_min(MIN_SCALE)[scale_ids]
-        gaussian = PadimGaussian(mu, cov[cov_ids], int(round(n)), spec.eps)
-        return cls(spec, indices, (int(grid[0]), int(grid[1])), gaussian, ratio, float(total.count),
+        return cls(spec, indices, (int(grid[0]), int(grid[1])), mu, cov, precision, cov_ids, ratio, total.count,
                    config or ModelConfig())
+
+    @cached_property
+    def gaussian(self) -> PadimGaussian:
+        """The model as PaDiM's per-position Gaussian: mean (L, d), covariance (L, d, d)."""
+        return PadimGaussian(self.mean, self.cov[self.cov_ids],
+                             int(round(self.count)) if self.count is not None else 0, self.spec.eps)
+
+    def _mahalanobis(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, d) -> (N, L): one matrix product per covariance block (the pooled case is one)."""
+        if len(self.cov) == len(self.cov_ids):  # one covariance per position: PaDiM's batched form
+            return mahalanobis(self.gaussian, x)
+        out = torch.empty(x.shape[:2], dtype=torch.float64)
+        for g in range(len(self.cov)):
+            where = (self.cov_ids == g).nonzero().flatten()
+            diff = x[:, where] - self.mean[where]
+            out[:, where] = ((diff @ self.precision[g]) * diff).sum(-1).clamp_min(0).sqrt()
+        return out
 
     def patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
         """emb (N, L, D) -> patch-score grids (N, h, w) float32."""
         _check_emb(emb, self.grid)
         x = prepare(emb, self.indices, self.spec.centre)
-        dist = mahalanobis(self.gaussian, x) / self.ratio.sqrt()
+        dist = self._mahalanobis(x) / self.ratio.sqrt()
         return dist.float().reshape(len(emb), *self.grid)
 
     def score_embeddings(self, emb: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -122,10 +122,10 @@ def test_epsilon_inf_without_clipping_is_padim_exactly():
 
 def test_image_centring_releases_no_mean_and_the_ledger_counts_what_is_sent():
     spec = DpPadimSpec(epsilon=4.0, clips=Clips(mean=1.0, second=1.0, scale=1.0))
-    assert spec.released() == ("count", "second", "scale")
+    assert spec.released() == ("second", "scale")  # no mean, so no count either
     r = release(_emb(3), GRID, spec, channel_subset(6, spec), torch.Generator().manual_seed(0))
     assert float(r.mean.abs().max()) == 0.0  # identically zero, not sent
-    assert [p.name for p in r.ledger.parts] == ["count", "second", "scale"]
+    assert [p.name for p in r.ledger.parts] == ["second", "scale"] and r.count is None
     assert r.ledger.epsilon(1e-5) == pytest.approx(4.0, rel=1e-6)
     with_mean = DpPadimSpec(epsilon=4.0, mean_block=2, clips=Clips(1.0, 1.0, 1.0))
     assert with_mean.released() == ("count", "mean", "second", "scale")
@@ -176,4 +176,4 @@ def test_private_model_still_detects_at_a_generous_epsilon():
     scores, _ = model.score_embeddings(test, (32, 32))
     assert image_auroc(labels, scores.numpy()) >= 0.9
     assert all(r.ledger.epsilon(1e-5) <= 8.0 * (1 + 1e-6) for r in releases)
-    assert isinstance(model, DpPadim) and model.count > 0
+    assert isinstance(model, DpPadim) and model.count is None
