@@ -319,3 +319,10 @@ def test_audit_options_match_the_engine_and_bad_input_is_one_line(tiny, capsys):
     assert "--factory must be in [0, 1]" in capsys.readouterr().err
     assert main(["audit", "--config", str(path), "--settings", "fp17", "--out", str(tmp / "bad2")]) == 2
     assert "--settings: unknown fp17" in capsys.readouterr().err
+
+
+def test_every_setting_family_is_selectable():
+    from experiments.app.audit import FAMILIES
+
+    found = {s.family for s in default_settings(ExperimentConfig(), dim=1024, clip_norm=1.0)}
+    assert found == set(FAMILIES)

@@ -16,6 +16,10 @@ the site's own code path and decoded as the server decodes it; then three attack
 - attribution: a logistic regression from a released vector to the factory that sent it (every
   factory's release under the same setting), accuracy against chance 1/K.
 
+And what each release is for: the image AUROC of the union test set (through the victim's
+camera) scored with the release alone as the model (PatchCore's max patch distance to the
+released vectors; PaDiM's max Mahalanobis distance), so protection and utility sit side by side.
+
 Writes report.md (tables, picture grids), inversion.csv, membership.csv, attribution.csv,
 releases.csv, figures/*.png, config.yaml and manifest.json into a fresh run folder.
 """
@@ -44,6 +48,7 @@ from patchcore.data.records import ImageRecord
 from patchcore.data.sources import data_root, load_records
 from patchcore.errors import ConfigError, DataError
 from patchcore.evaluation import loader_for
+from patchcore.metrics import image_auroc
 from patchcore.model import PatchCore
 from patchcore.progress import track
 
@@ -105,10 +110,10 @@ def synthetic_records(config: ExperimentConfig, images: int) -> tuple[list[Image
     return records, cfg
 
 
-def clip_norm_for(attacker: torch.Tensor, quantile: float = 0.9) -> float:
+def clip_norm_for(attacker: list[torch.Tensor], quantile: float = 0.9) -> float:
     """A clip radius fixed without the victim's data: this quantile of the L2 norms of the
-    attacker's own (public) embeddings."""
-    norms = torch.linalg.vector_norm(attacker.reshape(-1, attacker.shape[-1]), dim=1)
+    attacker's own (public) embeddings, every source pooled."""
+    norms = torch.cat([torch.linalg.vector_norm(a.reshape(-1, a.shape[-1]), dim=1) for a in attacker])
     return float(np.quantile(norms.numpy(), quantile))
 
 
@@ -130,16 +135,7 @@ def check_options(args: argparse.Namespace, config: ExperimentConfig) -> None:
 def _settings(args: argparse.Namespace, config: ExperimentConfig, dim: int, clip: float) -> list[Setting]:
     families = set(args.settings or FAMILIES)
     every = default_settings(config, dim, clip, tuple(args.epsilons), tuple(args.projections), padim=True)
-
-    def family(s: Setting) -> str:
-        if s.kind == "padim":
-            return "padim"
-        if not s.neutral:
-            return "config"
-        return {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}.get(
-            s.name, s.name.split()[0].lower() if not s.name.startswith("DP") else "dp")
-
-    return [s for s in every if family(s) in families]
+    return [s for s in every if s.family in families]
 
 
 class Attackers:
@@ -193,7 +189,7 @@ def _membership_candidates(plan: FactoryPlan, category: str, victim: int, embed:
         raise DataError(f"{category}: membership needs at least 2 unseen normal images, found {len(pool)}")
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(len(members.raw), n, replace=False))
-    chosen = pool[:len(own)][:n] if len(own) >= n else own + [others[i] for i in np.sort(
+    chosen = own[:n] if len(own) >= n else own + [others[i] for i in np.sort(
         rng.choice(len(others), n - len(own), replace=False))]
     unseen = embed(chosen, f"{name} {category} unseen")
     picked = Embedded(members.raw[torch.as_tensor(keep)], members.images[keep], members.grid)
@@ -218,6 +214,9 @@ def audit_category(args: argparse.Namespace, config: ExperimentConfig, plan: Fac
         plan, category, victim_id, embed, Embedded(victim.raw, victim.images, victim.grid),
         args.max_candidates, config.seed)
 
+    tests = [r.with_domain(victim.name) for k in range(len(plan.shards)) for r in _records(plan, category, k, "test")]
+    test = embed(tests, f"{victim.name} {category} test images")
+    labels = np.array([r.label for r in tests])
     sources: dict[str, Embedded] = {}
     for source in args.attacker:
         if source == "other-product":
@@ -236,8 +235,7 @@ def audit_category(args: argparse.Namespace, config: ExperimentConfig, plan: Fac
     if not sources:
         raise DataError(f"{category}: no attacker images (--attacker {' '.join(args.attacker)}): a config with one "
                         "category has no other product; add synthetic")
-    first = next(iter(sources.values()))
-    clip = args.clip_norm or config.model.transform.clip_norm or clip_norm_for(first.raw)
+    clip = args.clip_norm or config.model.transform.clip_norm or clip_norm_for([e.raw for e in sources.values()])
     settings = _settings(args, config, victim.dim, clip)
     attackers = Attackers(sources, args.window, args.max_attacker_rows, config.seed, args.mlp_seconds)
 
@@ -251,7 +249,8 @@ def audit_category(args: argparse.Namespace, config: ExperimentConfig, plan: Fac
         base = {"category": category, "setting": setting.name}
         rows["releases"].append({**base, "kind": release.kind, "vectors": len(release.vectors),
                                  "dim": int(release.vectors.shape[1]), "bytes": release.bytes_sent,
-                                 "noise_sigma": release.noise_sigma, "encoding": release.details.get("encoding", "")})
+                                 "noise_sigma": release.noise_sigma, "encoding": release.details.get("encoding", ""),
+                                 "detection_auroc": image_auroc(labels, release.anomaly(test.raw))})
         true = release.targets(victim, args.window)
         best: dict[str, Any] | None = None
         for source in sources:
@@ -304,6 +303,7 @@ def audit_category(args: argparse.Namespace, config: ExperimentConfig, plan: Fac
     return {**rows, "figures": [grid_path, mosaic_path], "meta": {
         "category": category, "victim": victim.name, "victim_images": victim.num_images,
         "clip_norm": clip, "attackers": {s: int(e.raw.shape[0]) for s, e in sources.items()},
+        "test_images": {"good": int((labels == 0).sum()), "defective": int((labels == 1).sum())},
         "candidates": candidates, "grid": list(victim.grid), "factories": len(factories)}}
 
 

@@ -114,7 +114,7 @@ def mosaic(victim: FactoryData, released: dict[str, tuple[np.ndarray, np.ndarray
         pictures.append((f"decoded: {label}", paint(shape, victim.grid, window, rows[keep] % length, decoded[keep])))
     columns = min(len(pictures), 5)
     lines = -(-len(pictures) // columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(2.1 * columns, 2.3 * lines), squeeze=False)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.0 * columns, 3.2 * lines), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (label, picture) in zip(axes.ravel(), pictures):
@@ -182,9 +182,13 @@ def write_report(path: Path, config: Any, args: argparse.Namespace, tables: dict
                 f". Membership: {meta['candidates']['members']} members vs {meta['candidates']['nonmembers']} "
                 f"non-members ({', '.join(f'{k}: {v}' for k, v in meta['candidates']['nonmember_sources'].items())}).", "",
                 "### What the server receives", "",
-                _table(["setting", "kind", "vectors", "dim", "bytes", "noise σ", "encoding"],
+                f"Detection AUROC: the {meta['test_images']['good']} good and {meta['test_images']['defective']} "
+                f"defective test images of every factory, through the victim's camera, scored with this release "
+                f"alone as the model (what the upload is for; a global bank pools every factory's).", "",
+                _table(["setting", "kind", "vectors", "dim", "bytes", "noise σ", "encoding", "detection AUROC"],
                        [[r["setting"], r["kind"], str(r["vectors"]), str(r["dim"]), f"{r['bytes']:,}",
-                         _cell(r["noise_sigma"], 4), r["encoding"]] for r in tables["releases"] if r["category"] == c]),
+                         _cell(r["noise_sigma"], 4), r["encoding"], _cell(r["detection_auroc"])]
+                        for r in tables["releases"] if r["category"] == c]),
                 "", "### Inversion", "", inversion_pivot(tables["inversion"], c), "",
                 "### Membership", "",
                 _table(["setting", "statistic", "AUROC [95% CI]", "TPR @ 1% FPR"],

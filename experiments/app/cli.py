@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 64.0, 512.0, 4096.0], help="DP epsilons")
     aud.add_argument("--projections", nargs="+", type=int, default=[256, 128], help="shared projection sizes")
     aud.add_argument("--clip-norm", type=float, help="clip radius of the clip and DP settings (default: "
-                     "model.transform.clip_norm, else the 90th percentile of the attacker's own embedding norms)")
+                     "model.transform.clip_norm, else the 90th percentile of the attacker's own embedding norms, pooled)")
     aud.add_argument("--attacker", nargs="+", choices=("other-product", "same-product", "synthetic"),
                      default=["other-product", "same-product", "synthetic"], help="the attacker's own images")
     aud.add_argument("--decoder", nargs="+", choices=("ridge", "mlp"), default=["ridge", "mlp"], help="inversion decoders")

@@ -217,17 +217,23 @@ def nearest_sq_distances(bank: np.ndarray | torch.Tensor, queries: np.ndarray | 
     return out.numpy()
 
 
+def patch_distances(bank: np.ndarray, queries: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(N, L) squared distance of every patch of N images (N, L, d) to its nearest bank row."""
+    n, length, dim = queries.shape
+    return nearest_sq_distances(bank, queries.reshape(n * length, dim)).reshape(n, length)
+
+
 def nearest_scores(bank: np.ndarray, queries: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
     """Membership scores (N,) of candidate images (N, L, d) against released vectors (m, d),
     higher = more likely a member: "min", minus the smallest patch distance to the release (a
     member's released patch sits at ~0), and "mean10", minus the mean of its 10 smallest."""
-    n, length, dim = queries.shape
-    dist = nearest_sq_distances(bank, queries.reshape(n * length, dim)).reshape(n, length)
+    n, length, _ = queries.shape
+    dist = patch_distances(bank, queries)
     return {"min": -dist.min(axis=1), "mean10": -np.sort(dist, axis=1)[:, :min(10, length)].mean(axis=1)}
 
 
 def attribution_attack(vectors: list[np.ndarray], images: list[np.ndarray] | None = None, seed: int = 0,
-                       test_fraction: float = 0.3, max_per_factory: int = 2000) -> dict[str, float]:
+                       test_fraction: float = 0.3, max_per_factory: int = 1000) -> dict[str, float]:
     """Can a vector tell which of K factories sent it? An equal number of vectors per factory
     (the smallest count, at most `max_per_factory`), a standardised multinomial logistic
     regression, accuracy on held-out vectors against chance 1/K, for two splits:

@@ -19,8 +19,9 @@ row each vector came from). Built-in kinds:
   image by its mean Mahalanobis distance under the released Gaussian.
 
 A DP-PaDiM (noisy per-position means and covariances) plugs in the same way: a builder that
-returns a Release with `positions` set (means as `vectors`, `noise_sigma` of the means) and a
-membership function scoring images by Mahalanobis distance under its released Gaussian, registered under its own kind,
+returns a Release with `positions` set (means as `vectors`, `noise_sigma` of the means), a
+membership function scoring images by Mahalanobis distance under its released Gaussian and an
+anomaly function (its detector: the max Mahalanobis distance), registered under its own kind,
 and a `Setting` naming that kind.
 """
 
@@ -32,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from federated.audit.attacks import nearest_scores, patch_windows
+from federated.audit.attacks import nearest_scores, patch_distances, patch_windows
 from federated.config import ExperimentConfig
 from federated.payload import validate
 from federated.protocol import TrainReply
@@ -55,6 +56,9 @@ class FactoryData:
     raw: torch.Tensor  # (N, L, D) float32 embeddings before model.transform
     images: np.ndarray  # (N, H, W, 3) uint8: the model's input pixels (after shift, resize, crop)
     grid: tuple[int, int]
+    # audit-side memo of local coreset picks by (transform, coreset settings, seed, ratio): settings
+    # that differ only after the coreset (encoding, noise) share one, as a site's memo does
+    coresets: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_images(self) -> int:
@@ -81,6 +85,7 @@ class Release:
     vectors: np.ndarray  # (n, d) float32 as decoded by the server: what inversion decodes
     space: Callable[[torch.Tensor], torch.Tensor]  # public map of raw (m, D) rows into the release's space
     membership: Membership  # candidate images' raw embeddings -> named per-image membership scores
+    anomaly: Callable[[torch.Tensor], np.ndarray]  # raw (N, L, D) -> image anomaly scores (N,): its use
     bytes_sent: int
     noise_sigma: float = 0.0  # per-coordinate Gaussian noise on `vectors`, public (DP manifests)
     rows: np.ndarray | None = None  # (n,) the factory's patch row behind each vector (audit only)
@@ -129,6 +134,11 @@ class Setting:
     kind: str = "coreset"
     overrides: tuple[tuple[str, Any], ...] = ()
     neutral: bool = True
+    family: str = ""  # what `fedpatch audit --settings` selects it by (default: the name)
+
+    def __post_init__(self) -> None:
+        if not self.family:
+            object.__setattr__(self, "family", self.name)
 
     def config(self, base: ExperimentConfig) -> ExperimentConfig:
         raw = to_dict(base)
@@ -145,19 +155,20 @@ def default_settings(config: ExperimentConfig, dim: int, clip_norm: float,
     """The audited settings: the config as given, fp32 / fp16 / int8, each projection below the
     embedding size `dim`, clipping to `clip_norm` alone, and clip + DP noise at each epsilon;
     PaDiM's statistics last."""
-    settings = [Setting("as configured", neutral=False),
+    settings = [Setting("as configured", neutral=False, family="config"),
                 Setting("fp32", overrides=(("federation.payload_dtype", "float32"),)),
                 Setting("fp16"),
                 Setting("int8", overrides=(("federation.payload_dtype", "int8"),))]
     settings += [Setting(f"projection {d}", overrides=(("model.transform.projection_dim", d),
-                                                       ("model.transform.projection_seed", config.seed)))
+                                                       ("model.transform.projection_seed", config.seed)),
+                         family="projection")
                  for d in projections if d < dim]
     clip = (("model.transform.clip_norm", float(clip_norm)),)
-    settings.append(Setting(f"clip {clip_norm:.4g}", overrides=clip))
-    settings += [Setting(f"DP eps={eps:g}", overrides=clip + (("federation.privacy.epsilon", float(eps)),))
-                 for eps in epsilons]
+    settings.append(Setting(f"clip {clip_norm:.4g}", overrides=clip, family="clip"))
+    settings += [Setting(f"DP eps={eps:g}", overrides=clip + (("federation.privacy.epsilon", float(eps)),),
+                         family="dp") for eps in epsilons]
     if padim:
-        settings.append(Setting("PaDiM statistics", kind="padim"))
+        settings.append(Setting("PaDiM statistics", kind="padim", family="padim"))
     return settings
 
 
@@ -182,7 +193,10 @@ def coreset_release(config: ExperimentConfig, factory: FactoryData, setting: str
     transform = model_transform(config, factory.dim)
     space = (lambda x: x) if transform.identity else transform
     features = space(factory.rows())  # (N·L, d): what the site's model.extract returns
-    picks = coreset_indices(features, config.model, config.seed, config.federation.local)
+    key = (transform.tag(), repr(config.model.coreset), config.seed, config.federation.local)
+    if key not in factory.coresets:
+        factory.coresets[key] = coreset_indices(features, config.model, config.seed, config.federation.local)
+    picks = factory.coresets[key]
     feature_id = backbone_id(config.model)
     payload, release_stats = make_payload(
         features[picks], config=config, backbone_id=feature_id, factory_id=factory.factory_id,
@@ -198,11 +212,17 @@ def coreset_release(config: ExperimentConfig, factory: FactoryData, setting: str
     vectors = received.decoded()  # (n, d) float32
     spec = config.privacy_spec()
 
+    def queries(emb: torch.Tensor) -> torch.Tensor:
+        return space(emb.reshape(-1, emb.shape[-1])).reshape(emb.shape[0], emb.shape[1], -1)
+
     def membership(emb: torch.Tensor) -> dict[str, np.ndarray]:
-        queries = space(emb.reshape(-1, emb.shape[-1])).reshape(emb.shape[0], emb.shape[1], -1)
-        return nearest_scores(vectors, queries)
+        return nearest_scores(vectors, queries(emb))
+
+    def anomaly(emb: torch.Tensor) -> np.ndarray:  # PatchCore's image score with the release as its bank
+        return patch_distances(vectors, queries(emb)).max(axis=1)
 
     return Release(setting=setting, kind="coreset", vectors=vectors, space=space, membership=membership,
+                   anomaly=anomaly,
                    bytes_sent=received.nbytes, noise_sigma=spec.sigma if spec else 0.0,
                    rows=picks.cpu().numpy(),
                    details={"encoding": received.encoding, "dim": int(vectors.shape[1]),
@@ -227,8 +247,11 @@ def padim_release(config: ExperimentConfig, factory: FactoryData, setting: str) 
     def membership(emb: torch.Tensor) -> dict[str, np.ndarray]:
         return {"mahalanobis": -mahalanobis(gaussian, space(emb)).mean(dim=1).numpy()}
 
+    def anomaly(emb: torch.Tensor) -> np.ndarray:  # PaDiM's image score under the released Gaussian
+        return mahalanobis(gaussian, space(emb)).max(dim=1).values.numpy()
+
     return Release(setting=setting, kind="padim", vectors=gaussian.mean.float().numpy(), space=space,
-                   membership=membership, bytes_sent=len(blob),
+                   membership=membership, anomaly=anomaly, bytes_sent=len(blob),
                    positions=np.arange(stats.positions),
                    details={"encoding": "float64 sums + outer products", "dim": len(indices),
                             "vectors": stats.positions, "patches": int(factory.raw.shape[0] * factory.raw.shape[1]),
