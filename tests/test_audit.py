@@ -202,6 +202,17 @@ def test_padim_statistics_leak_their_members_and_mean_image(data):
     assert got["psnr"] > got["psnr_baseline"] + 5
 
 
+def test_dp_padim_per_image_noise_hides_members(data):
+    from experiments.app.audit import dp_padim_settings
+
+    victim, unseen, attacker = data
+    setting = dp_padim_settings(ExperimentConfig(), attacker.raw, GRID, [1.0])[0]
+    release = build_release("dp_padim", config(), victim, setting)
+    assert setting.family == "dp_padim" and release.details["epsilon_per_image"] == 1.0
+    assert len(release.vectors) == 0  # image-centred: no per-position mean is released
+    assert 0.3 < membership(release, victim, unseen, "mahalanobis") < 0.7
+
+
 # ---- the audit's releases are what the site sends ---------------------------------------------
 
 def test_coreset_indices_are_the_sites_subsample(data):
@@ -290,7 +301,8 @@ def test_fedpatch_audit_writes_its_run_folder(tiny):
     tmp, path = tiny
     out = tmp / "run"
     code = main(["audit", "--config", str(path), "--quiet", "--out", str(out), "--decoder", "ridge",
-                 "--attacker", "other-product", "--settings", "fp16", "dp", "padim", "--epsilons", "1"])
+                 "--attacker", "other-product", "--settings", "fp16", "dp", "padim", "dp_padim", "--epsilons", "1",
+                 "--image-epsilons", "1"])
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["kind"] == "audit" and manifest["git"]
@@ -300,7 +312,7 @@ def test_fedpatch_audit_writes_its_run_folder(tiny):
         assert (out / name).is_file(), name
     audit = json.loads((out / "audit.json").read_text())
     settings = {r["setting"] for r in audit["releases"]}
-    assert settings == {"fp16", "DP eps=1", "PaDiM statistics"}
+    assert settings == {"fp16", "DP eps=1", "PaDiM statistics", "DP-PaDiM eps=1 per image"}
     fp16 = [r for r in audit["membership"] if r["setting"] == "fp16" and r["statistic"] == "min"]
     assert all(r["auroc"] == 1.0 for r in fp16)  # 5 members, each with released patches at distance ~0
     report = (out / "report.md").read_text()
@@ -325,4 +337,4 @@ def test_every_setting_family_is_selectable():
     from experiments.app.audit import FAMILIES
 
     found = {s.family for s in default_settings(ExperimentConfig(), dim=1024, clip_norm=1.0)}
-    assert found == set(FAMILIES)
+    assert found | {"dp_padim"} == set(FAMILIES)  # DP-PaDiM's settings need public images: the command adds them

@@ -2,8 +2,9 @@
 
 For each category of the config, one factory (`--factory`, default factory-0) is the victim. Every
 payload setting (federated/audit/releases.py: the config as given, fp32, fp16, int8, shared
-projections, clipping, clip + DP noise at several epsilons, PaDiM's statistics) is built through
-the site's own code path and decoded as the server decodes it; then three attacks run on it:
+projections, clipping, clip + DP noise per vector at several epsilons, PaDiM's statistics,
+DP-PaDiM per image at several epsilons) is built through the site's own code path and decoded as
+the server decodes it; then three attacks run on it:
 
 - inversion: decoders (ridge, MLP) trained on the attacker's own images (another product of the
   config, the other factories' images of the same product, and/or the synthetic factories; never
@@ -54,7 +55,7 @@ from patchcore.progress import track
 
 ATTACKERS = ("other-product", "same-product", "synthetic")
 DECODERS = ("ridge", "mlp")
-FAMILIES = ("config", "fp32", "fp16", "int8", "projection", "clip", "dp", "padim")
+FAMILIES = ("config", "fp32", "fp16", "int8", "projection", "clip", "dp", "padim", "dp_padim")
 GRID_PATCHES = 12  # patches per row of the picture grids
 SYNTHETIC_SEED_OFFSET = 7919  # the attacker's synthetic images: another seed than any synthetic victim's
 
@@ -127,15 +128,35 @@ def check_options(args: argparse.Namespace, config: ExperimentConfig) -> None:
     if not 0 <= args.factory < config.federation.num_factories:
         raise ConfigError(f"--factory must be in [0, {config.federation.num_factories - 1}] "
                           f"(federation.num_factories), got {args.factory}")
-    bad = [e for e in args.epsilons if not e > 0]
+    bad = [e for e in list(args.epsilons) + list(args.image_epsilons) if not e > 0]
     if bad:
-        raise ConfigError(f"--epsilons must be > 0, got {bad[0]}")
+        raise ConfigError(f"--epsilons and --image-epsilons must be > 0, got {bad[0]}")
 
 
-def _settings(args: argparse.Namespace, config: ExperimentConfig, dim: int, clip: float) -> list[Setting]:
+def _settings(args: argparse.Namespace, config: ExperimentConfig, dim: int, clip: float,
+              public: torch.Tensor, grid: tuple[int, int]) -> list[Setting]:
     families = set(args.settings or FAMILIES)
     every = default_settings(config, dim, clip, tuple(args.epsilons), tuple(args.projections), padim=True)
+    if "dp_padim" in families and args.image_epsilons:
+        every += dp_padim_settings(config, public, grid, args.image_epsilons)
     return [s for s in every if s.family in families]
+
+
+def dp_padim_settings(config: ExperimentConfig, public: torch.Tensor, grid: tuple[int, int],
+                      epsilons: list[float], max_images: int = 100) -> list[Setting]:
+    """DP-PaDiM at each per-image epsilon (its default shape: image centring, one pooled
+    covariance, 4x4 scale blocks), clip radii measured on public images (the attacker's own,
+    at most `max_images`), as federated/dp_padim.py requires."""
+    from dataclasses import replace as dc_replace
+
+    from federated.dp_padim import DpPadimSpec, public_clips
+
+    rng = np.random.default_rng(config.seed)
+    keep = torch.as_tensor(np.sort(rng.choice(len(public), min(max_images, len(public)), replace=False)))
+    base = DpPadimSpec(epsilon=float("inf"), delta=config.federation.privacy.delta, seed=config.seed)
+    clips = public_clips(public[keep], grid, base)
+    return [Setting(f"DP-PaDiM eps={e:g} per image", kind="dp_padim", family="dp_padim",
+                    params=(("spec", dc_replace(base, epsilon=float(e), clips=clips)),)) for e in epsilons]
 
 
 class Attackers:
@@ -236,7 +257,7 @@ def audit_category(args: argparse.Namespace, config: ExperimentConfig, plan: Fac
         raise DataError(f"{category}: no attacker images (--attacker {' '.join(args.attacker)}): a config with one "
                         "category has no other product; add synthetic")
     clip = args.clip_norm or config.model.transform.clip_norm or clip_norm_for([e.raw for e in sources.values()])
-    settings = _settings(args, config, victim.dim, clip)
+    settings = _settings(args, config, victim.dim, clip, torch.cat([e.raw for e in sources.values()]), victim.grid)
     attackers = Attackers(sources, args.window, args.max_attacker_rows, config.seed, args.mlp_seconds)
 
     rows: dict[str, list[dict[str, Any]]] = {"inversion": [], "membership": [], "attribution": [], "releases": []}
@@ -245,34 +266,35 @@ def audit_category(args: argparse.Namespace, config: ExperimentConfig, plan: Fac
     for setting in settings:
         start = time.perf_counter()
         cfg = setting.config(config)
-        release = build_release(setting.kind, cfg, victim, setting.name)
+        release = build_release(setting.kind, cfg, victim, setting)
         base = {"category": category, "setting": setting.name}
         rows["releases"].append({**base, "kind": release.kind, "vectors": len(release.vectors),
                                  "dim": int(release.vectors.shape[1]), "bytes": release.bytes_sent,
                                  "noise_sigma": release.noise_sigma, "encoding": release.details.get("encoding", ""),
                                  "detection_auroc": image_auroc(labels, release.anomaly(test.raw))})
-        true = release.targets(victim, args.window)
-        best: dict[str, Any] | None = None
-        for source in sources:
-            for kind in args.decoder:
-                decoder = attackers.decoder(source, kind, release, _space_key(setting, cfg, release))
-                decoded = np.clip(decoder(release.vectors), 0, 1).reshape(true.shape)
-                s = inversion_scores(decoded, true, attackers.mean[source].reshape(true.shape[1:]))
-                row = {**base, "attacker": source, "decoder": kind, "vectors": len(true),
-                       "psnr": float(s["psnr"].mean()), "psnr_median": float(np.median(s["psnr"])),
-                       "psnr_baseline": float(s["psnr_baseline"].mean()),
-                       "gain_db": float(s["psnr"].mean() - s["psnr_baseline"].mean()),
-                       "ssim": float(s["ssim"].mean()) if "ssim" in s else None,
-                       "ssim_baseline": float(s["ssim_baseline"].mean()) if "ssim" in s else None,
-                       "noise_sigma": release.noise_sigma}
-                rows["inversion"].append(row)
-                if best is None or row["psnr"] > best["psnr"]:
-                    best = {**row, "decoded": decoded}
-        ids = release.rows if release.rows is not None else release.positions
-        shown.append({"setting": setting.name, "by": f"{best['attacker']}, {best['decoder']}", "ids": ids,
-                      "aggregate": release.rows is None, "true": true, "decoded": best["decoded"]})
-        if release.rows is not None:
-            mosaics[setting.name] = (release.rows, best["decoded"])
+        if len(release.vectors):  # a release of no per-patch or per-position vectors has nothing to invert
+            true = release.targets(victim, args.window)
+            best: dict[str, Any] | None = None
+            for source in sources:
+                for kind in args.decoder:
+                    decoder = attackers.decoder(source, kind, release, _space_key(setting, cfg, release))
+                    decoded = np.clip(decoder(release.vectors), 0, 1).reshape(true.shape)
+                    s = inversion_scores(decoded, true, attackers.mean[source].reshape(true.shape[1:]))
+                    row = {**base, "attacker": source, "decoder": kind, "vectors": len(true),
+                           "psnr": float(s["psnr"].mean()), "psnr_median": float(np.median(s["psnr"])),
+                           "psnr_baseline": float(s["psnr_baseline"].mean()),
+                           "gain_db": float(s["psnr"].mean() - s["psnr_baseline"].mean()),
+                           "ssim": float(s["ssim"].mean()) if "ssim" in s else None,
+                           "ssim_baseline": float(s["ssim_baseline"].mean()) if "ssim" in s else None,
+                           "noise_sigma": release.noise_sigma}
+                    rows["inversion"].append(row)
+                    if best is None or row["psnr"] > best["psnr"]:
+                        best = {**row, "decoded": decoded}
+            ids = release.rows if release.rows is not None else release.positions
+            shown.append({"setting": setting.name, "by": f"{best['attacker']}, {best['decoder']}", "ids": ids,
+                          "aggregate": release.rows is None, "true": true, "decoded": best["decoded"]})
+            if release.rows is not None:
+                mosaics[setting.name] = (release.rows, best["decoded"])
         pos, neg = release.membership(members.raw), release.membership(unseen.raw)
         for stat in pos:
             low, high = auroc_ci(pos[stat], neg[stat], seed=config.seed)
@@ -281,18 +303,20 @@ def audit_category(args: argparse.Namespace, config: ExperimentConfig, plan: Fac
                                        "auroc_ci_low": low, "auroc_ci_high": high,
                                        "tpr_at_1pct_fpr": tpr_at_fpr(pos[stat], neg[stat], 0.01)})
         if len(factories) >= 2 and release.rows is not None:
-            every = [release if k == victim_id else build_release(setting.kind, cfg, f, setting.name)
+            every = [release if k == victim_id else build_release(setting.kind, cfg, f, setting)
                      for k, f in sorted(factories.items())]
             length = victim.grid[0] * victim.grid[1]
             result = attribution_attack([r.vectors for r in every], [r.rows // length for r in every],
                                         seed=config.seed)
             rows["attribution"].append({**base, **result, "domain_shift": config.federation.domain_shift})
         if not args.quiet:
-            inv = max((r for r in rows["inversion"] if r["setting"] == setting.name), key=lambda r: r["gain_db"])
+            inv = [r for r in rows["inversion"] if r["setting"] == setting.name]
             mem = next(r for r in rows["membership"] if r["setting"] == setting.name)
-            print(f"{category} / {setting.name}: inversion +{inv['gain_db']:.1f} dB over the mean patch "
-                  f"({inv['attacker']}, {inv['decoder']}); membership AUROC {mem['auroc']:.3f} "
-                  f"({time.perf_counter() - start:.1f} s)")
+            best_inv = max(inv, key=lambda r: r["gain_db"]) if inv else None
+            said = (f"inversion {best_inv['gain_db']:+.1f} dB over the mean patch ({best_inv['attacker']}, "
+                    f"{best_inv['decoder']})" if best_inv else "nothing to invert")
+            print(f"{category} / {setting.name}: {said}; membership AUROC {mem['auroc']:.3f}; detection AUROC "
+                  f"{rows['releases'][-1]['detection_auroc']:.3f} ({time.perf_counter() - start:.1f} s)")
     figures = out / "figures"
     from experiments.app.audit_figures import inversion_grid, mosaic
 

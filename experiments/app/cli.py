@@ -355,8 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(aud)
     aud.add_argument("--factory", type=int, default=0, help="the victim factory's id (default 0)")
     aud.add_argument("--settings", nargs="+", metavar="FAMILY", help="payload settings to audit (default all): "
-                     "config fp32 fp16 int8 projection clip dp padim")
-    aud.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 64.0, 512.0, 4096.0], help="DP epsilons")
+                     "config fp32 fp16 int8 projection clip dp padim dp_padim")
+    aud.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 64.0, 512.0, 4096.0],
+                     help="per-vector DP epsilons (dp)")
+    aud.add_argument("--image-epsilons", nargs="+", type=float, default=[1.0, 8.0],
+                     help="per-image DP-PaDiM epsilons (dp_padim)")
     aud.add_argument("--projections", nargs="+", type=int, default=[256, 128], help="shared projection sizes")
     aud.add_argument("--clip-norm", type=float, help="clip radius of the clip and DP settings (default: "
                      "model.transform.clip_norm, else the 90th percentile of the attacker's own embedding norms, pooled)")

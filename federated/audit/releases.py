@@ -37,7 +37,7 @@ from federated.audit.attacks import nearest_scores, patch_distances, patch_windo
 from federated.config import ExperimentConfig
 from federated.payload import validate
 from federated.protocol import TrainReply
-from federated.site import make_payload
+from federated.site import make_payload, release_seed
 from patchcore.config import apply_overrides, build, to_dict
 from patchcore.coreset import coreset_size, greedy_coreset
 from patchcore.config import ModelConfig
@@ -106,22 +106,23 @@ class Release:
         return (total / factory.num_images).astype(np.float32)
 
 
-Builder = Callable[[ExperimentConfig, FactoryData, str], Release]
+Builder = Callable[[ExperimentConfig, FactoryData, "Setting"], Release]
 BUILDERS: dict[str, Builder] = {}
 
 
 def register_release(kind: str) -> Callable[[Builder], Builder]:
-    """Decorator: `builder(config, factory, setting_name) -> Release` for settings of `kind`."""
+    """Decorator: `builder(config, factory, setting) -> Release` for settings of `kind`."""
     def add(builder: Builder) -> Builder:
         BUILDERS[kind] = builder
         return builder
     return add
 
 
-def build_release(kind: str, config: ExperimentConfig, factory: FactoryData, setting: str) -> Release:
+def build_release(kind: str, config: ExperimentConfig, factory: FactoryData, setting: "Setting | str") -> Release:
+    """What the server receives from `factory` under `setting` (a Setting, or just its name)."""
     if kind not in BUILDERS:
         raise ConfigError(f"unknown release kind {kind!r}; registered: {', '.join(sorted(BUILDERS))}")
-    return BUILDERS[kind](config, factory, setting)
+    return BUILDERS[kind](config, factory, setting if isinstance(setting, Setting) else Setting(setting, kind))
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class Setting:
     overrides: tuple[tuple[str, Any], ...] = ()
     neutral: bool = True
     family: str = ""  # what `fedpatch audit --settings` selects it by (default: the name)
+    params: tuple[tuple[str, Any], ...] = ()  # the builder's own parameters (e.g. a DP-PaDiM spec)
 
     def __post_init__(self) -> None:
         if not self.family:
@@ -189,7 +191,7 @@ def model_transform(config: ExperimentConfig, dim: int) -> FeatureTransform:
 
 
 @register_release("coreset")
-def coreset_release(config: ExperimentConfig, factory: FactoryData, setting: str) -> Release:
+def coreset_release(config: ExperimentConfig, factory: FactoryData, setting: Setting) -> Release:
     transform = model_transform(config, factory.dim)
     space = (lambda x: x) if transform.identity else transform
     features = space(factory.rows())  # (N·L, d): what the site's model.extract returns
@@ -206,7 +208,7 @@ def coreset_release(config: ExperimentConfig, factory: FactoryData, setting: str
                          factory.num_images, release=release_stats).to_records()
     reply = TrainReply.from_records(records)  # what the server reads from the message
     if reply.problems:
-        raise ConfigError(f"{setting}: the server could not read the payload: {reply.problems}")
+        raise ConfigError(f"{setting.name}: the server could not read the payload: {reply.problems}")
     received = reply.payloads[factory.category]
     validate(received, expected_dim=transform.out_dim, expected_backbone=feature_id)
     vectors = received.decoded()  # (n, d) float32
@@ -221,7 +223,7 @@ def coreset_release(config: ExperimentConfig, factory: FactoryData, setting: str
     def anomaly(emb: torch.Tensor) -> np.ndarray:  # PatchCore's image score with the release as its bank
         return patch_distances(vectors, queries(emb)).max(axis=1)
 
-    return Release(setting=setting, kind="coreset", vectors=vectors, space=space, membership=membership,
+    return Release(setting=setting.name, kind="coreset", vectors=vectors, space=space, membership=membership,
                    anomaly=anomaly,
                    bytes_sent=received.nbytes, noise_sigma=spec.sigma if spec else 0.0,
                    rows=picks.cpu().numpy(),
@@ -234,7 +236,7 @@ PADIM_DIMS = 100  # the channels PaDiM keeps (patchcore.padim.DEFAULT_DIMS, the 
 
 
 @register_release("padim")
-def padim_release(config: ExperimentConfig, factory: FactoryData, setting: str) -> Release:
+def padim_release(config: ExperimentConfig, factory: FactoryData, setting: Setting) -> Release:
     from federated.padim import decode_stats, encode_stats, site_stats
     from patchcore.padim import mahalanobis, select_dims
 
@@ -250,9 +252,44 @@ def padim_release(config: ExperimentConfig, factory: FactoryData, setting: str) 
     def anomaly(emb: torch.Tensor) -> np.ndarray:  # PaDiM's image score under the released Gaussian
         return mahalanobis(gaussian, space(emb)).max(dim=1).values.numpy()
 
-    return Release(setting=setting, kind="padim", vectors=gaussian.mean.float().numpy(), space=space,
+    return Release(setting=setting.name, kind="padim", vectors=gaussian.mean.float().numpy(), space=space,
                    membership=membership, anomaly=anomaly, bytes_sent=len(blob),
                    positions=np.arange(stats.positions),
                    details={"encoding": "float64 sums + outer products", "dim": len(indices),
                             "vectors": stats.positions, "patches": int(factory.raw.shape[0] * factory.raw.shape[1]),
                             "images": stats.count})
+
+
+@register_release("dp_padim")
+def dp_padim_release(config: ExperimentConfig, factory: FactoryData, setting: Setting) -> Release:
+    """DP-PaDiM (federated/dp_padim.py): the factory's noisy per-image-clipped sums, seeded as a
+    site seeds its noise; the server's model from this release alone. `setting.params` holds the
+    "spec" (a DpPadimSpec with clip radii measured on public images). With per-image centring
+    and one mean block (its default) no per-position mean is released: nothing to invert."""
+    from federated.dp_padim import DpPadim, channel_subset, release
+
+    spec = dict(setting.params)["spec"]
+    indices = channel_subset(factory.dim, spec)
+    generator = torch.Generator().manual_seed(release_seed(config.seed, factory.factory_id, factory.category))
+    sent = release(factory.raw, factory.grid, spec, indices, generator)
+    model = DpPadim.from_release(sent, spec, indices, factory.grid, sites=1)
+    parts = spec.released()
+    dim = len(indices)
+    nbytes = 8 * (("count" in parts) + (sent.mean.numel() if "mean" in parts else 0)
+                  + len(sent.second) * dim * (dim + 1) // 2 + (sent.scale.numel() if sent.scale is not None else 0))
+    positions = np.arange(factory.grid[0] * factory.grid[1]) if "mean" in parts else np.arange(0)
+    vectors = model.mean.float().numpy()[positions]
+
+    def membership(emb: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"mahalanobis": -model.patch_scores(emb).flatten(1).double().mean(dim=1).numpy()}
+
+    def anomaly(emb: torch.Tensor) -> np.ndarray:
+        return model.patch_scores(emb).flatten(1).max(dim=1).values.double().numpy()
+
+    sigmas = spec.sigmas()
+    return Release(setting=setting.name, kind="dp_padim", vectors=vectors,
+                   space=lambda x: x.index_select(-1, indices), membership=membership, anomaly=anomaly,
+                   bytes_sent=int(nbytes), noise_sigma=float(sigmas.get("mean", 0.0)), positions=positions,
+                   details={"encoding": "float64 noisy sums (" + ", ".join(parts) + ")", "dim": dim,
+                            "vectors": len(positions), "images": factory.num_images,
+                            "epsilon_per_image": spec.epsilon, "sigmas": sigmas, "clipped": sent.clipped})
