@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from federated.audit.attacks import (attribution_attack, fit_mlp, fit_ridge, inversion_scores,
-                                     nearest_scores, patch_windows)
+from federated.audit.attacks import (
+    attribution_attack,
+    fit_mlp,
+    fit_ridge,
+    inversion_scores,
+    nearest_scores,
+    patch_windows,
+)
 from federated.audit.measures import auroc, auroc_ci, psnr, ssim, tpr_at_fpr
-from federated.audit.releases import (FactoryData, Setting, build_release, coreset_indices,
-                                      default_settings)
+from federated.audit.releases import FactoryData, Setting, build_release, coreset_indices, default_settings
 from federated.config import ExperimentConfig
 from patchcore.model import subsample
 
@@ -128,7 +133,8 @@ def inversion(release, victim, attacker, decoder="ridge"):
     if decoder == "ridge":
         model = fit_ridge(x, y, release.noise_sigma, groups=np.repeat(np.arange(attacker.num_images), 64))
     else:
-        model = fit_mlp(x, y, release.noise_sigma, time_limit_s=120.0, max_epochs=12, hidden=128)  # epochs bound it: deterministic
+        # the epochs bound it, not the time: deterministic
+        model = fit_mlp(x, y, release.noise_sigma, time_limit_s=120.0, max_epochs=12, hidden=128)
     true = release.targets(victim, WINDOW)
     scores = inversion_scores(model(release.vectors).reshape(true.shape), true, y.mean(axis=0).reshape(true.shape[1:]))
     return {k: float(v.mean()) for k, v in scores.items()}
@@ -197,7 +203,8 @@ def test_padim_statistics_leak_their_members_and_mean_image(data):
     victim, unseen, attacker = data
     release = build_release("padim", config(), victim, "PaDiM statistics")
     assert release.vectors.shape == (64, 100) and release.rows is None
-    assert membership(release, victim, unseen, "mahalanobis") > 0.97  # 60 images < 100 dims: members span the covariance
+    # 60 images < 100 dims: the members span the covariance
+    assert membership(release, victim, unseen, "mahalanobis") > 0.97
     got = inversion(release, victim, attacker)
     assert got["psnr"] > got["psnr_baseline"] + 5
 

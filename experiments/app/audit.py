@@ -38,8 +38,7 @@ import torch
 
 from experiments.app.reports import format_table, write_table
 from experiments.app.runs import Manifest, new_run_dir, write_config, write_json
-from federated.audit.attacks import (attribution_attack, fit_mlp, fit_ridge, inversion_scores,
-                                     patch_windows)
+from federated.audit.attacks import attribution_attack, fit_mlp, fit_ridge, inversion_scores, patch_windows
 from federated.audit.measures import auroc, auroc_ci, tpr_at_fpr
 from federated.audit.releases import FactoryData, Release, Setting, build_release, default_settings
 from federated.config import ExperimentConfig

@@ -178,9 +178,10 @@ def write_report(path: Path, config: Any, args: argparse.Namespace, tables: dict
         c = meta["category"]
         out += [f"## {c} (victim {meta['victim']}: {meta['victim_images']} training images, grid "
                 f"{meta['grid'][0]}x{meta['grid'][1]}; clip radius {meta['clip_norm']:.4g})", "",
-                f"Attacker images: " + ", ".join(f"{k} {v}" for k, v in meta["attackers"].items()) +
+                "Attacker images: " + ", ".join(f"{k} {v}" for k, v in meta["attackers"].items()) +
                 f". Membership: {meta['candidates']['members']} members vs {meta['candidates']['nonmembers']} "
-                f"non-members ({', '.join(f'{k}: {v}' for k, v in meta['candidates']['nonmember_sources'].items())}).", "",
+                "non-members (" + ", ".join(f"{k}: {v}" for k, v in meta["candidates"]["nonmember_sources"].items())
+                + ").", "",
                 "### What the server receives", "",
                 f"Detection AUROC: the {meta['test_images']['good']} good and {meta['test_images']['defective']} "
                 f"defective test images of every factory, through the victim's camera, scored with this release "

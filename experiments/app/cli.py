@@ -362,10 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="per-image DP-PaDiM epsilons (dp_padim)")
     aud.add_argument("--projections", nargs="+", type=int, default=[256, 128], help="shared projection sizes")
     aud.add_argument("--clip-norm", type=float, help="clip radius of the clip and DP settings (default: "
-                     "model.transform.clip_norm, else the 90th percentile of the attacker's own embedding norms, pooled)")
+                     "model.transform.clip_norm, else the 90th percentile of the attacker's own embedding norms, "
+                     "pooled)")
     aud.add_argument("--attacker", nargs="+", choices=("other-product", "same-product", "synthetic"),
                      default=["other-product", "same-product", "synthetic"], help="the attacker's own images")
-    aud.add_argument("--decoder", nargs="+", choices=("ridge", "mlp"), default=["ridge", "mlp"], help="inversion decoders")
+    aud.add_argument("--decoder", nargs="+", choices=("ridge", "mlp"), default=["ridge", "mlp"],
+                     help="inversion decoders")
     aud.add_argument("--window", type=int, default=8, help="pixels under a grid cell: the window centred on it (8)")
     aud.add_argument("--max-candidates", type=int, default=200, help="membership images per class, at most")
     aud.add_argument("--max-attacker-rows", type=int, default=60000, help="attacker training patches, at most")

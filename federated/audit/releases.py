@@ -38,9 +38,8 @@ from federated.config import ExperimentConfig
 from federated.payload import validate
 from federated.protocol import TrainReply
 from federated.site import make_payload, release_seed
-from patchcore.config import apply_overrides, build, to_dict
+from patchcore.config import ModelConfig, apply_overrides, build, to_dict
 from patchcore.coreset import coreset_size, greedy_coreset
-from patchcore.config import ModelConfig
 from patchcore.errors import ConfigError
 from patchcore.model import backbone_id
 from patchcore.transform import FeatureTransform
