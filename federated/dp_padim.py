@@ -28,7 +28,7 @@ private data: `public_clips` measures them (a quantile of the per-image norms) o
 through the same backbone, and the study uses AutoVI's engine_wiring training images for that.
 
 The server adds the factories' releases (their noises add up) and post-processes, which costs no
-privacy: N̂ = the noisy count; block means μ = ΣA/N̂; covariance per block
+privacy: N̂ = the noisy count (a nominal N when none is sent); block means μ = ΣA/N̂; covariance per block
 (ΣB − N̂·mean(μμᵀ))/(N̂ − 1), eigenvalues floored at `floor` × the spectral edge of the summed
 noise (sqrt(2d)·σ_second·sqrt(sites)/(N̂ − 1), known because σ is public) plus PaDiM's 0.01·I;
 per scale block a variance ratio r_s = (E|x − μ|² in s) / trace(Σ). A query patch scores

@@ -3,11 +3,12 @@ non-private PaDiM and PatchCore, federated and centralized.
 
 DP-PaDiM (federated/dp_padim.py): every factory image-centres its embeddings (each image minus its
 own mean embedding; test images the same), keeps a data-independent random 100 of the channels,
-and releases, per image clipped as a whole and summed with Gaussian noise: the image count, one
-pooled second-moment matrix (100 x 100) and one mean squared norm per 4 x 4 block of positions
-(49 blocks). The server adds the four factories' releases and post-processes: the covariance
-with its eigenvalues floored at the known noise level, per-block variance ratios shrunk toward
-their mean by their known noise, Mahalanobis distance divided by the block's ratio. Each
+and releases, per image clipped as a whole and summed with Gaussian noise: one pooled
+second-moment matrix (100 x 100) and one mean squared norm per 4 x 4 block of positions (49
+blocks); no count (without a mean it rescales every score alike). The server adds the four
+factories' releases and post-processes: the covariance with its eigenvalues floored at the known
+noise level, per-block variance ratios shrunk toward their mean by their known noise, Mahalanobis
+distance divided by the block's ratio. Each
 factory's release is accounted with Gaussian DP (exact composition of its parts) at δ = 1e-5;
 its guarantee is per training image of that factory, whatever the others send. The clip radii
 are the medians of the per-image norms on PUBLIC images, AutoVI's engine_wiring training set
