@@ -163,7 +163,7 @@ class Attackers:
     fitted decoders, memoised per (source, decoder, release space, noise)."""
 
     def __init__(self, sources: dict[str, Embedded], window: int, max_rows: int, seed: int,
-                 mlp_seconds: float) -> None:
+                 mlp_epochs: int, mlp_seconds: float) -> None:
         self.data: dict[str, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
         rng = np.random.default_rng(seed)
         for name, emb in sources.items():
@@ -171,7 +171,7 @@ class Attackers:
             rows = np.sort(rng.choice(n * length, min(max_rows, n * length), replace=False))
             windows = patch_windows(emb.images, emb.grid, window, rows)
             self.data[name] = (emb.raw.reshape(-1, dim)[torch.as_tensor(rows)], windows, rows // length)
-        self.seed, self.mlp_seconds = seed, mlp_seconds
+        self.seed, self.mlp_epochs, self.mlp_seconds = seed, mlp_epochs, mlp_seconds
         self.decoders: dict[tuple, Any] = {}
         self.mean = {name: w.mean(axis=0) for name, (_, w, _) in self.data.items()}
 
@@ -185,7 +185,7 @@ class Attackers:
                 self.decoders[full] = fit_ridge(x, y, release.noise_sigma, seed=self.seed, groups=groups)
             else:
                 self.decoders[full] = fit_mlp(x, y, release.noise_sigma, seed=self.seed,
-                                              time_limit_s=self.mlp_seconds)
+                                              max_epochs=self.mlp_epochs, time_limit_s=self.mlp_seconds)
         return self.decoders[full]
 
 
@@ -257,7 +257,8 @@ def audit_category(args: argparse.Namespace, config: ExperimentConfig, plan: Fac
                         "category has no other product; add synthetic")
     clip = args.clip_norm or config.model.transform.clip_norm or clip_norm_for([e.raw for e in sources.values()])
     settings = _settings(args, config, victim.dim, clip, torch.cat([e.raw for e in sources.values()]), victim.grid)
-    attackers = Attackers(sources, args.window, args.max_attacker_rows, config.seed, args.mlp_seconds)
+    attackers = Attackers(sources, args.window, args.max_attacker_rows, config.seed, args.mlp_epochs,
+                          args.mlp_seconds)
 
     rows: dict[str, list[dict[str, Any]]] = {"inversion": [], "membership": [], "attribution": [], "releases": []}
     shown: list[dict[str, Any]] = []  # per setting: the best decoder's output, for the picture grid
@@ -269,7 +270,9 @@ def audit_category(args: argparse.Namespace, config: ExperimentConfig, plan: Fac
         base = {"category": category, "setting": setting.name}
         rows["releases"].append({**base, "kind": release.kind, "vectors": len(release.vectors),
                                  "dim": int(release.vectors.shape[1]), "bytes": release.bytes_sent,
-                                 "noise_sigma": release.noise_sigma, "encoding": release.details.get("encoding", ""),
+                                 "noise_sigma": release.noise_sigma, "noise": release.details.get(
+                                     "noise", f"σ {release.noise_sigma:.4g} per coordinate" if release.noise_sigma else "none"),
+                                 "encoding": release.details.get("encoding", ""),
                                  "detection_auroc": image_auroc(labels, release.anomaly(test.raw))})
         if len(release.vectors):  # a release of no per-patch or per-position vectors has nothing to invert
             true = release.targets(victim, args.window)
@@ -285,7 +288,7 @@ def audit_category(args: argparse.Namespace, config: ExperimentConfig, plan: Fac
                            "gain_db": float(s["psnr"].mean() - s["psnr_baseline"].mean()),
                            "ssim": float(s["ssim"].mean()) if "ssim" in s else None,
                            "ssim_baseline": float(s["ssim_baseline"].mean()) if "ssim" in s else None,
-                           "noise_sigma": release.noise_sigma}
+                           "noise_sigma": release.noise_sigma, "epochs": getattr(decoder, "epochs", None)}
                     rows["inversion"].append(row)
                     if best is None or row["psnr"] > best["psnr"]:
                         best = {**row, "decoded": decoded}

@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--window", type=int, default=8, help="pixels under a grid cell: the window centred on it (8)")
     aud.add_argument("--max-candidates", type=int, default=200, help="membership images per class, at most")
     aud.add_argument("--max-attacker-rows", type=int, default=60000, help="attacker training patches, at most")
-    aud.add_argument("--mlp-seconds", type=float, default=30.0, help="time cap of one MLP decoder's training")
+    aud.add_argument("--mlp-epochs", type=int, default=6, help="epochs of one MLP decoder's training")
+    aud.add_argument("--mlp-seconds", type=float, default=300.0, help="safety cap on one MLP decoder's training")
     aud.add_argument("--synthetic-images", type=int, default=24, help="synthetic attacker images per product")
     aud.set_defaults(func=cmd_audit)
     cfg = sub.add_parser("config", help="print the resolved config, or --explain: every key, its type, "

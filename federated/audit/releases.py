@@ -291,4 +291,6 @@ def dp_padim_release(config: ExperimentConfig, factory: FactoryData, setting: Se
                    bytes_sent=int(nbytes), noise_sigma=float(sigmas.get("mean", 0.0)), positions=positions,
                    details={"encoding": "float64 noisy sums (" + ", ".join(parts) + ")", "dim": dim,
                             "vectors": len(positions), "images": factory.num_images,
-                            "epsilon_per_image": spec.epsilon, "sigmas": sigmas, "clipped": sent.clipped})
+                            "epsilon_per_image": spec.epsilon, "sigmas": sigmas, "clipped": sent.clipped,
+                            "noise": "σ " + ", ".join(f"{k} {v:.3g}" for k, v in sigmas.items()) if any(
+                                sigmas.values()) else "none"})
