@@ -268,10 +268,11 @@ def audit_category(args: argparse.Namespace, config: ExperimentConfig, plan: Fac
         cfg = setting.config(config)
         release = build_release(setting.kind, cfg, victim, setting)
         base = {"category": category, "setting": setting.name}
+        default_noise = f"σ {release.noise_sigma:.4g} per coordinate" if release.noise_sigma else "none"
         rows["releases"].append({**base, "kind": release.kind, "vectors": len(release.vectors),
                                  "dim": int(release.vectors.shape[1]), "bytes": release.bytes_sent,
-                                 "noise_sigma": release.noise_sigma, "noise": release.details.get(
-                                     "noise", f"σ {release.noise_sigma:.4g} per coordinate" if release.noise_sigma else "none"),
+                                 "noise_sigma": release.noise_sigma,
+                                 "noise": release.details.get("noise", default_noise),
                                  "encoding": release.details.get("encoding", ""),
                                  "detection_auroc": image_auroc(labels, release.anomaly(test.raw))})
         if len(release.vectors):  # a release of no per-patch or per-position vectors has nothing to invert
