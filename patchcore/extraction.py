@@ -37,7 +37,8 @@ def cache_settings(model: Any, dataset: ImageDataset) -> dict[str, Any]:
     return {"backbone_id": getattr(model, "raw_backbone_id", model.backbone_id),
             "weights": weights_identity(c.backbone.weights, model.seed),
             "pretrain_embed_dim": c.pretrain_embed_dim, "precision": getattr(c, "precision", "float32"),
-            "preprocess": {"resize": pre.resize, "crop": pre.crop, "mean": pre.mean, "std": pre.std}}
+            "preprocess": {"resize": pre.resize, "crop": pre.crop, "mean": pre.mean, "std": pre.std,
+                           "resampler": "pil-bilinear"}}  # entries of the earlier tensor resize miss
 
 
 class _Sink:

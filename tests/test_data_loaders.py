@@ -27,6 +27,7 @@ from patchcore.data import (
     make_loader,
     read_region,
 )
+from patchcore.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import SHARED_MVTEC
 
 REAL_ROOT = SHARED_MVTEC
@@ -237,6 +238,21 @@ def test_invert_to_original_round_trip() -> None:
     assert (back & truth).sum() / (back | truth).sum() > 0.85
     constant = preprocess.invert_to_original(torch.full((2, 224, 224), 3.0), (400, 300))
     assert constant.shape == (2, 400, 300) and torch.allclose(constant, torch.tensor(3.0))
+
+
+@pytest.mark.parametrize("size", [(400, 300), (300, 400), (1024, 1024), (257, 511)])
+def test_image_preprocessing_is_the_official_pil_pipeline_bit_for_bit(size: tuple[int, int]) -> None:
+    # the official code: torchvision Resize(256) + CenterCrop(224) + ToTensor + Normalize on a PIL image
+    from torchvision import transforms
+
+    official = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                   transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    rng = np.random.default_rng(sum(size))
+    pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)  # noise: every resampling difference shows
+    image = Image.fromarray(pixels, "RGB")
+    ours = Preprocess(resize=256, crop=224).image(image)
+    assert ours.shape == (3, 224, 224)
+    assert torch.equal(ours, official(image))
 
 
 def test_pair_transform_applies_to_its_domain_only(tmp_path: Path) -> None:

@@ -112,12 +112,19 @@ class Preprocess:
         return tvf.crop(tensor, top, left, crop_h, crop_w)
 
     def image(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> normalised float32 (3, h, w); bilinear with antialiasing, on uint8 like
-        the PIL pipeline of the reference implementation."""
+        """PIL image -> normalised float32 (3, h, w).
+
+        Resized by PIL itself (bilinear, PIL's own antialiasing), exactly as the official
+        pipeline's torchvision `Resize` does on a PIL image: the same uint8 pixels. torchvision's
+        tensor resize differs from PIL by one step in ~1e-4 of the values of a 300 x 400 tire
+        image, enough to reorder near-tied image scores (experiments/studies/fidelity_official.md).
+        """
         if image.mode != "RGB":
             image = image.convert("RGB")
-        tensor = tvf.pil_to_tensor(image)  # (3, H, W) uint8
-        tensor = self._geometry(tensor, InterpolationMode.BILINEAR)
+        height, width = self.resized_size(*image.size)
+        image = image.resize((width, height), Image.BILINEAR)
+        top, left, crop_h, crop_w = self.crop_box(height, width)
+        tensor = tvf.pil_to_tensor(image)[:, top:top + crop_h, left:left + crop_w]  # (3, h, w) uint8
         tensor = tensor.to(torch.float32).div_(255.0)
         return tvf.normalize(tensor, list(self.mean), list(self.std))
 
