@@ -73,6 +73,34 @@ def nearest_neighbours(
     return (d if squared else d.sqrt()), i
 
 
+def direct_distances(queries: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor,
+                     max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distances of each query to its found neighbours `indices` (Q, k), recomputed in the
+    direct form sum((q - b)^2): no cancellation, unlike ||q||^2 - 2 q.b + ||b||^2, whose float32
+    error grows with the norms (~2e-3 relative on tire's WideResNet bank). Rows re-sorted by the
+    recomputed distance (ties: lower index first). Returns (distances (Q, k), indices (Q, k))."""
+    device = queries.device
+    queries = queries.to(device=bank.device, dtype=bank.dtype)
+    indices = indices.to(bank.device)
+    missing = indices < 0  # FAISS's -1: fewer than k neighbours found (IVF-PQ probing few lists)
+    q_rows, k = indices.shape
+    budget = memory_budget(bank.device) if max_bytes is None else max_bytes
+    chunk = max(1, budget // max(1, 2 * k * bank.shape[1] * bank.element_size()))
+    out = []
+    for start in range(0, q_rows, chunk):
+        idx = indices[start:start + chunk].clamp(min=0)  # (c, k)
+        rows = bank.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)  # (c, k, D)
+        out.append(rows.sub_(queries[start:start + chunk].unsqueeze(1)).square_().sum(dim=2))
+    d = torch.cat(out) if out else queries.new_zeros((0, k))
+    d = d.masked_fill(missing, float("inf"))
+    if k > 1:
+        order = torch.argsort(indices, dim=1, stable=True)  # lower index first among equal distances
+        d, indices = d.gather(1, order), indices.gather(1, order)
+        order = torch.argsort(d, dim=1, stable=True)
+        d, indices = d.gather(1, order), indices.gather(1, order)
+    return d.to(device), indices.to(device)
+
+
 # --- bf16 products, certified by exact re-ranking --------------------------------------------
 
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)

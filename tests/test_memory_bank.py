@@ -245,3 +245,44 @@ def test_bf16_search_equals_float32_search_on_real_tire_embeddings(shared_mvtec)
         assert clear.float().mean() > 0.99
         assert torch.equal(i16[clear], i32[clear])
         torch.testing.assert_close(d16[:, 0].double(), ref_d, rtol=1e-5, atol=1e-3)
+
+
+def _far_from_origin(seed: int):
+    """Rows near a common point far from the origin: ||x||^2 ~ 1e5 against distances ~ 0.6, where
+    the expanded form ||q||^2 - 2 q.b + ||b||^2 loses ~1e-2 of each distance in float32."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.full((32,), 60.0)
+    return centre + torch.randn(300, 32, generator=g) * 0.1, centre + torch.randn(50, 32, generator=g) * 0.1
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_distances_are_exact_where_the_expanded_form_cancels(backend, k):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    from patchcore.distances import nearest_neighbours
+
+    feats, queries = _far_from_origin(5)
+    all64 = ((queries.double()[:, None] - feats.double()[None]) ** 2).sum(-1)  # (50, 300) float64 truth
+    expanded, found = nearest_neighbours(queries, feats, k, squared=True)  # what the products alone give
+    products_err = (expanded.double() - all64.gather(1, found)).abs()
+    assert (products_err / all64.gather(1, found)).max() > 1e-3  # the case does cancel
+    bank = MemoryBank(feats, nn_backend=backend, nn_precision="float32")
+    d, i = bank.nearest(queries, k=k)
+    assert d.dtype == torch.float32 and d.shape == i.shape == (50, k)
+    assert torch.all(d[:, 1:] >= d[:, :-1])  # ascending per query
+    assert torch.equal(d, ((queries[:, None] - feats[i]) ** 2).sum(-1))  # the direct form of the rows returned
+    truth = all64.gather(1, i)
+    assert ((d.double() - truth).abs() / truth).max() < 1e-5
+    # which rows are found is as good as the products: within twice their error of the true nearest
+    assert (truth[:, 0] - all64.min(1).values <= 2 * products_err.max() + 1e-12).all()
+
+
+def test_direct_distances_mark_faiss_misses_as_infinite():
+    from patchcore.distances import direct_distances
+
+    feats = torch.arange(12.0).view(4, 3)
+    queries = torch.zeros(2, 3)
+    d, i = direct_distances(queries, feats, torch.tensor([[1, -1], [3, 0]]))
+    assert d.tolist() == [[(3 ** 2 + 4 ** 2 + 5 ** 2), float("inf")], [5.0, (9 ** 2 + 10 ** 2 + 11 ** 2)]]
+    assert i.tolist() == [[1, -1], [0, 3]]
