@@ -140,3 +140,12 @@ def test_markdown_shows_the_float64_aurocs_of_both_sides():
     md = bench.markdown_tables(report)
     assert "| toy | off | faiss | 1.00e-07 | 2.00e-04 | 3.00e-06 |" in md
     assert "| 0.5900 / 0.5900 |" in md
+
+
+def test_cli_refuses_a_missing_weights_file_in_one_line(tmp_path):
+    (tmp_path / "src" / "patchcore").mkdir(parents=True)
+    (tmp_path / "src" / "patchcore" / "patchcore.py").write_text("")
+    with pytest.raises(SystemExit, match="--weights .*nope.pt not found"):
+        bench.main(["--official", str(tmp_path), "--official-python", sys.executable, "--anomalib-python", "",
+                    "--weights", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # refused before anything was written

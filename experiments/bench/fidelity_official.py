@@ -614,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
                              "prefilter prunes almost nothing on the random-weight tire bank: ~33 s per image)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="fedpatch coreset seeds (the spread the official 10%% run is read against)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a WideResNet-50-2 state-dict file for both sides (e.g. torchvision's ImageNet "
+                             "weights); default: a seeded random one saved into --out")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the per-setting results an earlier run saved in --out (same weights file)")
@@ -627,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         anomalib_python = None
     if not args.config.is_file():
         fail(f"--config {args.config} not found")
+    if args.weights is not None and not args.weights.is_file():
+        fail(f"--weights {args.weights} not found")
     if args.data_root is None:
         import yaml
 
@@ -645,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "official").mkdir(parents=True, exist_ok=True)
     (out / "arrays").mkdir(parents=True, exist_ok=True)
     (out / "fedpatch").mkdir(parents=True, exist_ok=True)
-    weights = save_weights(out)
+    weights = args.weights.resolve() if args.weights is not None else save_weights(out)
     log = out / "official.log"
     if not args.reuse:
         log.write_text("")
