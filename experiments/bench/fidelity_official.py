@@ -180,114 +180,109 @@ def _pair(values: Sequence[float]) -> str:
     return f"{values[0]:.4f} vs {values[1]:.4f}"
 
 
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], intro: str = "") -> list[str]:
+    """One Markdown section: a title, an optional sentence, the table, a blank line."""
+    lines = [f"## {title}", ""] + ([intro, ""] if intro else [])
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
+
+
+def _both(c: dict[str, Any], fed: str, off: str, digits: int = 4) -> str:
+    return f"{_fmt(c[fed], digits)} / {_fmt(c[off], digits)}"
+
+
+def _image(path: str) -> str:
+    return f"{Path(path).parent.name}/{Path(path).name}"
+
+
 def markdown_tables(report: dict[str, Any]) -> str:
     """The report's tables as Markdown."""
-    out = ["## fedpatch vs official (same images, same weights file)", "",
-           ("Pearson r with 1 − r in brackets; maps over all pixels of all test images (224 × 224). Pixel AUROC "
-           "with fedpatch's nearest-exact masks and with the official `astype(int)` of bilinear masks."), "",
-           ("| category | coreset | official backbone | bank fed / off | fedpatch 1-NN | score r | score max rel diff "
-           "| map r | image AUROC fed / off | pixel AUROC nearest-exact fed / off "
-           "| pixel AUROC astype(int) fed / off |"),
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["comparisons"]:
-        c = r["metrics"]
-        out.append(
-            f"| {r['category']} | {r['coreset']} | {r['official_backbone']} "
-            f"| {r['bank_fedpatch']} / {r['bank_official']} | {r.get('fedpatch_nn', '-')} "
-            f"| {_r(c['score_pearson'])} | {_fmt(c['score_max_rel_diff'])} | {_r(c['map_pearson'])} "
-            f"| {_fmt(c['image_auroc_fedpatch'], 4)} / {_fmt(c['image_auroc_official'], 4)} "
-            f"| {_fmt(c['pixel_auroc_fedpatch_nearest'], 4)} / {_fmt(c['pixel_auroc_official_nearest'], 4)} "
-            f"| {_fmt(c['pixel_auroc_fedpatch_astype_int'], 4)} / {_fmt(c['pixel_auroc_official_astype_int'], 4)} |")
-    out.append("")
-    exact = [r for r in report["comparisons"] if "score_max_rel_err_official_vs_own_float64" in r["metrics"]]
+    comparisons = report["comparisons"]
+    out = _table(
+        "fedpatch vs official (same images, same weights file)",
+        ["category", "coreset", "official backbone", "bank fed / off", "fedpatch 1-NN", "score r",
+         "score max rel diff", "map r", "image AUROC fed / off", "pixel AUROC nearest-exact fed / off",
+         "pixel AUROC astype(int) fed / off"],
+        [[r["category"], r["coreset"], r["official_backbone"], f"{r['bank_fedpatch']} / {r['bank_official']}",
+          r.get("fedpatch_nn", "-"), _r(r["metrics"]["score_pearson"]), _fmt(r["metrics"]["score_max_rel_diff"]),
+          _r(r["metrics"]["map_pearson"]),
+          _both(r["metrics"], "image_auroc_fedpatch", "image_auroc_official"),
+          _both(r["metrics"], "pixel_auroc_fedpatch_nearest", "pixel_auroc_official_nearest"),
+          _both(r["metrics"], "pixel_auroc_fedpatch_astype_int", "pixel_auroc_official_astype_int")]
+         for r in comparisons],
+        intro=("Pearson r with 1 − r in brackets; maps over all pixels of all test images (224 × 224). Pixel AUROC "
+               "with fedpatch's nearest-exact masks and with the official `astype(int)` of bilinear masks."))
+    exact = [r for r in comparisons if "score_max_rel_err_official_vs_own_float64" in r["metrics"]]
     if exact:
-        out += ["## Score arithmetic: each side against float64 scores of its own embeddings", "",
-                ("| category | coreset | fedpatch 1-NN | fedpatch max rel err | official (faiss float32) max rel err "
-                 "| float64 fed vs off: max rel diff | r | image AUROC of the float64 scores fed / off |"),
-                "|---|---|---|---|---|---|---|---|"]
-        for r in exact:
-            c = r["metrics"]
-            aurocs = (f"{c['image_auroc_fedpatch_float64']:.4f} / {c['image_auroc_official_float64']:.4f}"
-                      if "image_auroc_fedpatch_float64" in c else "")
-            r64 = _r(c["float64_scores_pearson"]) if "float64_scores_pearson" in c else ""
-            out.append(f"| {r['category']} | {r['coreset']} | {r.get('fedpatch_nn', '')} "
-                       f"| {_fmt(c['score_max_rel_err_fedpatch_vs_own_float64'])} "
-                       f"| {_fmt(c['score_max_rel_err_official_vs_own_float64'])} "
-                       f"| {_fmt(c['float64_scores_max_rel_diff'])} | {r64} | {aurocs} |")
-        out.append("")
+        out += _table(
+            "Score arithmetic: each side against float64 scores of its own embeddings",
+            ["category", "coreset", "fedpatch 1-NN", "fedpatch max rel err", "official (faiss float32) max rel err",
+             "float64 fed vs off: max rel diff", "r", "image AUROC of the float64 scores fed / off"],
+            [[r["category"], r["coreset"], r.get("fedpatch_nn", ""),
+              _fmt(r["metrics"]["score_max_rel_err_fedpatch_vs_own_float64"]),
+              _fmt(r["metrics"]["score_max_rel_err_official_vs_own_float64"]),
+              _fmt(r["metrics"]["float64_scores_max_rel_diff"]),
+              _r(r["metrics"]["float64_scores_pearson"]) if "float64_scores_pearson" in r["metrics"] else "",
+              (_both(r["metrics"], "image_auroc_fedpatch_float64", "image_auroc_official_float64")
+               if "image_auroc_fedpatch_float64" in r["metrics"] else "")]
+             for r in exact])
     if report.get("first_batch"):
-        out += ["## Inputs and embeddings of the first test batch", "",
-                ("| category | images | input max abs diff (uint8 steps) | input values differing by > 0.5 step "
-                "| embedding r | embedding max abs diff / max abs |"), "|---|---|---|---|---|---|"]
-        for cat, f in report["first_batch"].items():
-            out.append(f"| {cat} | {f['images']} | {_fmt(f['input_max_abs_diff_uint8_steps'], 4)} "
-                       f"| {_fmt(f['input_share_of_values_differing'])} | {_r(f['embedding_pearson'])} "
-                       f"| {_fmt(f['embedding_max_abs_diff_over_max_abs'])} |")
-        out.append("")
+        out += _table(
+            "Inputs and embeddings of the first test batch",
+            ["category", "images", "input max abs diff (uint8 steps)", "input values differing by > 0.5 step",
+             "embedding r", "embedding max abs diff / max abs"],
+            [[cat, f["images"], _fmt(f["input_max_abs_diff_uint8_steps"], 4),
+              _fmt(f["input_share_of_values_differing"]), _r(f["embedding_pearson"]),
+              _fmt(f["embedding_max_abs_diff_over_max_abs"])]
+             for cat, f in report["first_batch"].items()])
     if report.get("discordant"):
-        out += ["## Image pairs the two implementations order differently (coreset off), with float64 scores", "",
-                "| category | anomalous image | normal image | fedpatch | official | float64 | agrees with float64 |",
-                "|---|---|---|---|---|---|---|"]
-        for cat, d in report["discordant"].items():
-            for r in d["pairs"]:
-                out.append(f"| {cat} | {Path(r['anomalous']).parent.name}/{Path(r['anomalous']).name} "
-                           f"| {Path(r['normal']).parent.name}/{Path(r['normal']).name} | {_pair(r['fedpatch'])} "
-                           f"| {_pair(r['official'])} | {_pair(r['float64'])} "
-                           f"| {', '.join(r['agrees_with_float64']) or 'neither'} |")
-        out.append("")
+        out += _table(
+            "Image pairs the two implementations order differently (coreset off), with float64 scores",
+            ["category", "anomalous image", "normal image", "fedpatch", "official", "float64", "agrees with float64"],
+            [[cat, _image(p["anomalous"]), _image(p["normal"]), _pair(p["fedpatch"]), _pair(p["official"]),
+              _pair(p["float64"]), ", ".join(p["agrees_with_float64"]) or "neither"]
+             for cat, d in report["discordant"].items() for p in d["pairs"]])
     if report.get("fedpatch_seeds"):
-        off10 = {(r["category"], r["coreset"]): r["metrics"] for r in report["comparisons"]
+        off10 = {(r["category"], r["coreset"]): r["metrics"] for r in comparisons
                  if r["official_backbone"] == "BN restored"}
-        rows = []
-        for cat, per in report["fedpatch_seeds"].items():
-            for name, seeds in per.items():
-                official = off10.get((cat, name), {})
-                rows.append(f"| {cat} | {name} | " + ", ".join(f"{_fmt(v['image_auroc'], 4)}" for v in seeds.values())
-                            + f" | {_fmt(official.get('image_auroc_official'), 4)} | "
-                            + ", ".join(f"{_fmt(v['pixel_auroc'], 4)}" for v in seeds.values())
-                            + f" | {_fmt(official.get('pixel_auroc_official_nearest'), 4)} |")
+        rows = [[cat, name, ", ".join(_fmt(v["image_auroc"], 4) for v in seeds.values()),
+                 _fmt(off10.get((cat, name), {}).get("image_auroc_official"), 4),
+                 ", ".join(_fmt(v["pixel_auroc"], 4) for v in seeds.values()),
+                 _fmt(off10.get((cat, name), {}).get("pixel_auroc_official_nearest"), 4)]
+                for cat, per in report["fedpatch_seeds"].items() for name, seeds in per.items()]
         if rows:
             seeds = next(iter(next(iter(report["fedpatch_seeds"].values())).values()), {})
-            out += [f"## Coreset runs: fedpatch seeds {', '.join(map(str, seeds))} vs the official run (seed 0)", "",
-                    ("| category | coreset | fedpatch image AUROC | official image AUROC | fedpatch pixel AUROC "
-                    "| official pixel AUROC |"), "|---|---|---|---|---|---|", *rows, ""]
+            out += _table(f"Coreset runs: fedpatch seeds {', '.join(map(str, seeds))} vs the official run (seed 0)",
+                          ["category", "coreset", "fedpatch image AUROC", "official image AUROC",
+                           "fedpatch pixel AUROC", "official pixel AUROC"], rows)
     if report.get("aupro"):
-        out += [("## AUPRO (limit 0.3): fedpatch patchcore/metrics.py vs anomalib "
-                f"{report.get('anomalib_version', '?')}, same maps and nearest-exact masks"), "",
-                "| category | coreset | maps of | fedpatch AUPRO | anomalib AUPRO | difference |",
-                "|---|---|---|---|---|---|"]
-        for a in report["aupro"]:
-            diff = None if a["anomalib"] is None else a["fedpatch"] - a["anomalib"]
-            out.append(f"| {a['category']} | {a['coreset']} | {a['maps']} | {_fmt(a['fedpatch'])} "
-                       f"| {_fmt(a['anomalib'])} | {_fmt(diff)} |")
-        out.append("")
+        out += _table(
+            (f"AUPRO (limit 0.3): fedpatch patchcore/metrics.py vs anomalib {report.get('anomalib_version', '?')}, "
+             "same maps and nearest-exact masks"),
+            ["category", "coreset", "maps of", "fedpatch AUPRO", "anomalib AUPRO", "difference"],
+            [[a["category"], a["coreset"], a["maps"], _fmt(a["fedpatch"]), _fmt(a["anomalib"]),
+              _fmt(None if a["anomalib"] is None else a["fedpatch"] - a["anomalib"])] for a in report["aupro"]])
     if report.get("masks"):
-        out += ["## Defective pixels of the test masks per binarisation", "",
-                ("| category | nearest-exact (fedpatch) | astype(int) (official) | bilinear > 0.5 | bilinear > 0 "
-                "| nearest vs bilinear > 0.5 disagree |"), "|---|---|---|---|---|---|"]
-        for cat, m in report["masks"].items():
-            out.append(f"| {cat} | {m['nearest_exact']} | {m['astype_int']} | {m['bilinear_gt_0.5']} "
-                       f"| {m['bilinear_gt_0']} | {m['nearest_vs_bilinear_gt_0.5_disagree']} |")
-        out.append("")
+        out += _table(
+            "Defective pixels of the test masks per binarisation",
+            ["category", "nearest-exact (fedpatch)", "astype(int) (official)", "bilinear > 0.5", "bilinear > 0",
+             "nearest vs bilinear > 0.5 disagree"],
+            [[cat, m["nearest_exact"], m["astype_int"], m["bilinear_gt_0.5"], m["bilinear_gt_0"],
+              m["nearest_vs_bilinear_gt_0.5_disagree"]] for cat, m in report["masks"].items()])
     if report.get("bn_drift"):
-        out += ["## BatchNorm drift of the official load() (train-mode forward of a constant image)", "",
-                ("| category | BN layers moved | max abs running_mean change | max abs running_var change "
-                "| num_batches_tracked + | conv weights unchanged |"), "|---|---|---|---|---|---|"]
-        for cat, d in report["bn_drift"].items():
-            out.append(f"| {cat} | {d['bn_layers_moved']} of {d['bn_layers']} "
-                       f"| {_fmt(d['max_abs_running_mean_change'], 4)} "
-                       f"| {_fmt(d['max_abs_running_var_change'], 4)} | {d['num_batches_tracked_increase']} "
-                       f"| {d['weights_unchanged']} |")
-        out.append("")
+        out += _table(
+            "BatchNorm drift of the official load() (train-mode forward of a constant image)",
+            ["category", "BN layers moved", "max abs running_mean change", "max abs running_var change",
+             "num_batches_tracked +", "conv weights unchanged"],
+            [[cat, f"{d['bn_layers_moved']} of {d['bn_layers']}", _fmt(d["max_abs_running_mean_change"], 4),
+              _fmt(d["max_abs_running_var_change"], 4), d["num_batches_tracked_increase"], d["weights_unchanged"]]
+             for cat, d in report["bn_drift"].items()])
     if report.get("official_reported"):
-        out += ["## The official evaluation itself (bin/run_patchcore.py's metrics on min-max normalised outputs)", "",
-                "| category | coreset | official backbone | instance AUROC | full pixel AUROC | anomaly pixel AUROC |",
-                "|---|---|---|---|---|---|"]
-        for r in report["official_reported"]:
-            out.append(f"| {r['category']} | {r['coreset']} | {r['official_backbone']} "
-                       f"| {_fmt(r['instance_auroc'], 4)} "
-                       f"| {_fmt(r['full_pixel_auroc'], 4)} | {_fmt(r['anomaly_pixel_auroc'], 4)} |")
-        out.append("")
+        out += _table(
+            "The official evaluation itself (bin/run_patchcore.py's metrics on min-max normalised outputs)",
+            ["category", "coreset", "official backbone", "instance AUROC", "full pixel AUROC", "anomaly pixel AUROC"],
+            [[r["category"], r["coreset"], r["official_backbone"], _fmt(r["instance_auroc"], 4),
+              _fmt(r["full_pixel_auroc"], 4), _fmt(r["anomaly_pixel_auroc"], 4)] for r in report["official_reported"]])
     return "\n".join(out)
 
 
