@@ -1,8 +1,8 @@
 """Fidelity benchmark against the official PatchCore code itself (amazon-science/patchcore-inspection).
 
-    .venv/bin/python -m experiments.bench.fidelity_official --official /tmp/official-patchcore \\
-        --official-python /tmp/official-venv/bin/python [--categories hazelnut tire] [--out DIR] \\
-        [--anomalib-python /tmp/anomalib-venv/bin/python] [--quirk-ratios 1.0] [--ratios 1.0 0.1]
+    .venv/bin/python -m experiments.bench.fidelity_official --official OFFICIAL_CHECKOUT \\
+        --official-python OFFICIAL_VENV/bin/python [--categories hazelnut tire] [--out DIR] \\
+        [--anomalib-python ANOMALIB_VENV/bin/python] [--quirk-ratios 1.0] [--ratios 1.0 0.1]
 
 Both implementations score the same images (data.root of configs/shared_real.yaml, read in place)
 with the same backbone file: a seeded WideResNet-50-2 (torchvision wide_resnet50_2(weights=None)
@@ -41,7 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("_official_driver.py")
 DEFAULT_OUT = REPO / "results" / "fidelity_official"
-DEFAULT_ANOMALIB = "/tmp/anomalib-venv/bin/python"
+DEFAULT_ANOMALIB = os.environ.get("FEDPATCH_ANOMALIB_PYTHON", "")  # "" = the AUPRO check is skipped
 WEIGHTS_NAME = "wide_resnet50_2_seed0.pt"
 TARGETS = {"score_pearson": 0.99999, "map_pearson": 0.999}
 
@@ -597,7 +597,9 @@ def main(argv: list[str] | None = None) -> int:
                              "over half an hour per side on 2 cores; the must-shows are coreset-off)")
     parser.add_argument("--quirk-ratios", type=float, nargs="*", default=[1.0],
                         help="settings also run with the official BatchNorm quirk left in")
-    parser.add_argument("--anomalib-python", default=DEFAULT_ANOMALIB, help="'' to skip the AUPRO check")
+    parser.add_argument("--anomalib-python", default=DEFAULT_ANOMALIB,
+                        help="python of a venv with anomalib (default: $FEDPATCH_ANOMALIB_PYTHON; "
+                             "none: the AUPRO check is skipped)")
     parser.add_argument("--exact-categories", nargs="*", default=["hazelnut", "tire"],
                         help="categories whose coreset-off image scores are also recomputed in float64 from "
                              "each side's own embeddings (the arbiter of float32 search error)")

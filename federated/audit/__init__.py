@@ -14,22 +14,22 @@ experiments/studies/privacy_audit.md.
 """
 
 from federated.audit.attacks import (
-                                     attribution_attack,
-                                     fit_mlp,
-                                     fit_ridge,
-                                     inversion_scores,
-                                     nearest_scores,
-                                     patch_windows,
+    attribution_attack,
+    fit_mlp,
+    fit_ridge,
+    inversion_scores,
+    nearest_scores,
+    patch_windows,
 )
 from federated.audit.measures import auroc, auroc_ci, psnr, ssim, tpr_at_fpr
 from federated.audit.releases import (
-                                     BUILDERS,
-                                     FactoryData,
-                                     Release,
-                                     Setting,
-                                     build_release,
-                                     default_settings,
-                                     register_release,
+    BUILDERS,
+    FactoryData,
+    Release,
+    Setting,
+    build_release,
+    default_settings,
+    register_release,
 )
 
 __all__ = ["BUILDERS", "FactoryData", "Release", "Setting", "attribution_attack", "auroc", "auroc_ci",

@@ -13,6 +13,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from patchcore.metrics import rank_auroc
+
 SSIM_WINDOW = 7
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
@@ -85,19 +87,12 @@ def auroc_ci(positive: np.ndarray, negative: np.ndarray, resamples: int = 1000, 
     if len(positive) < 2 or len(negative) < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(len(positive), bool), np.zeros(len(negative), bool)]
     values = np.empty(resamples)
     for i in range(resamples):
         p = positive[rng.integers(0, len(positive), len(positive))]
         n = negative[rng.integers(0, len(negative), len(negative))]
-        values[i] = _fast_auroc(p, n)
+        values[i] = rank_auroc(labels, np.r_[p, n])
     tail = (1.0 - level) / 2.0
     return float(np.quantile(values, tail)), float(np.quantile(values, 1.0 - tail))
 
-
-def _fast_auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """Mann-Whitney AUROC (ties count one half) through ranks: no sklearn overhead per resample."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.r_[positive, negative])
-    n_pos, n_neg = len(positive), len(negative)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

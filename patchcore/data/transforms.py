@@ -103,11 +103,10 @@ class Preprocess:
         return crop_h, crop_w
 
     def _geometry(self, tensor: torch.Tensor, interpolation: InterpolationMode) -> torch.Tensor:
-        """Resize then crop a (C, H, W) tensor."""
+        """Resize then crop a (C, H, W) tensor (masks: images go through PIL, see `image`)."""
         height, width = tensor.shape[-2:]
         size = self.resized_size(width, height)
-        antialias = interpolation == InterpolationMode.BILINEAR
-        tensor = tvf.resize(tensor, list(size), interpolation=interpolation, antialias=antialias)
+        tensor = tvf.resize(tensor, list(size), interpolation=interpolation, antialias=False)
         top, left, crop_h, crop_w = self.crop_box(*size)
         return tvf.crop(tensor, top, left, crop_h, crop_w)
 
